@@ -1,0 +1,388 @@
+"""Typed configuration: dataclass defaults < YAML preset < dotted command-line overrides.
+
+`load_config(path, overrides)` returns a `Config`; an unknown key or a value of the wrong type raises
+`ConfigError` naming the key (and the closest valid key). Values in overrides are coerced to the declared
+type of their field, not parsed as YAML (PyYAML reads `1e-4` as a string). The resolved config is written to
+the run directory by the trainer (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    dir: str = "runs/ibot"
+    """Run directory: resolved config, metrics.jsonl, checkpoints, plots."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 0
+    """Optimizer steps to run. 0 means `train.epochs` epochs of the dataset."""
+    epochs: float = 100.0
+    """Used only when `train.steps` is 0: the run length in epochs of the dataset."""
+    batch_size: int = 64
+    """Images per GPU (per process)."""
+    log_every: int = 10
+    """Log (and read back losses from the device) every this many steps."""
+    seed: int = 0
+    """Seeds the model init, the augmentations (per sample) and the masks."""
+    compile: bool = False
+    """torch.compile each transformer block (regional compile)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (slower; bit-reproducible kernels where they exist)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
+    """Backbone size."""
+    patch_size: int = 16
+    """Patch size in pixels (16 and 14 are the usual ones)."""
+    img_size: int = 224
+    """Resolution the position embeddings are stored at; other sizes interpolate them (cached weights)."""
+    drop_path: float = 0.1
+    """Student stochastic depth at the last block, linear from 0 at the first (official: 0.1)."""
+    layerscale: float = 0.0
+    """LayerScale init value; 0 disables LayerScale (official iBOT has none; DINOv2 uses 1e-5)."""
+    out_dim: int = 8192
+    """K, the number of prototypes of the projection head."""
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = False
+    """Freeze the weight-norm gain of the head's last layer at 1 (official: False for ViT-S, True for ViT-B)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = "builtin:shapes"
+    """Image folder (class sub-folders or a flat folder of images), or `builtin:shapes` for the demo dataset."""
+    global_size: int = 224
+    local_size: int = 96
+    num_global: int = 2
+    num_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+    builtin_size: int = 2000
+    """Number of images of the built-in demo dataset."""
+
+
+@dataclass(kw_only=True, slots=True)
+class MaskConfig:
+    variant: Literal["official", "dinov2"] = "official"
+    """official: per global crop, masked with `probability`, ratio U(ratio_min, ratio_max), BEiT block generator.
+    dinov2: exactly round(probability * crops) crops of the batch masked, ratios stratified over the range."""
+    probability: float = 0.5
+    ratio_min: float = 0.1
+    ratio_max: float = 0.5
+    min_block_patches: int = 0
+    """Smallest block in patches; 0 means (min(h, w) // 3) ** 2 (16 at 14x14) for official, 4 for dinov2."""
+    aspect_min: float = 0.3
+    """Block aspect ratio is log-uniform in (aspect_min, 1 / aspect_min)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    patch_teacher_temp: float = 0.07
+    warmup_patch_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    teacher_temp_per_step: bool = False
+    """False: the official per-epoch linspace; True: per-step linear warm-up (DINOv2, lightly)."""
+    lambda_cls: float = 1.0
+    lambda_patch: float = 1.0
+    center_momentum: float = 0.9
+    centering: Literal["center", "sinkhorn"] = "center"
+    """center: EMA centres (official iBOT); sinkhorn: Sinkhorn-Knopp teacher targets (DINOv2), no centre."""
+    patch_center: Literal["all", "masked"] = "all"
+    """all: the patch centre averages every teacher patch token (official iBOT); masked: only masked tokens
+    (DINOv2, lightly), which lets the teacher head run on masked tokens only."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 5e-4
+    """Base learning rate for a total batch of 256; the peak is lr * total_batch / 256."""
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    clip_mode: Literal["global", "per_param"] = "global"
+    """global: one norm over all gradients (DINOv2, lightly); per_param: each tensor on its own (official)."""
+    freeze_last_layer_epochs: float = 1.0
+    """Drop the head's last-layer gradients during this many first epochs."""
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0: only at the end of the run)."""
+    resume: str = "auto"
+    """auto: resume from the latest checkpoint in run.dir if there is one; '' or none: start fresh; a path."""
+    keep: int = 3
+    """Keep this many most recent checkpoints."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DistributedConfig:
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU. Loss and centring math are fp32 in every mode."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a command-line string) to the declared type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value.lower() in ("none", "null") and "none" in choices:
+            value = "none"
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        raise AssertionError(f"unsupported config type {tp} for {key}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values like [a, b], got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = None
+                if as_float is not None and as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, bool | int | float | str):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {tp} for {key}")
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    obj: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        types_ = _field_types(type(obj))
+        if part not in types_:
+            raise _unknown_key(key)
+        tp = types_[part]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+                for sub_key, sub_value in value.items():
+                    _set(cfg, f"{key}.{sub_key}", sub_value)
+                return
+            obj = getattr(obj, part)
+        elif last:
+            setattr(obj, part, _coerce(key, value, tp))
+        else:
+            raise _unknown_key(key)
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field validation; each error names its key."""
+
+    def positive(key: str, value: float, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    positive("train.steps", cfg.train.steps, allow_zero=True)
+    if cfg.train.steps == 0:
+        positive("train.epochs", cfg.train.epochs)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.log_every", cfg.train.log_every)
+    positive("model.patch_size", cfg.model.patch_size)
+    positive("model.out_dim", cfg.model.out_dim)
+    for key in ("data.global_size", "data.local_size", "model.img_size"):
+        size = cfg.data.global_size if key == "data.global_size" else (
+            cfg.data.local_size if key == "data.local_size" else cfg.model.img_size)
+        if size % cfg.model.patch_size:
+            raise ConfigError(f"config key '{key}' = {size} is not a multiple of model.patch_size = "
+                              f"{cfg.model.patch_size}")
+    if cfg.data.num_global < 2:
+        raise ConfigError(f"config key 'data.num_global' must be >= 2 (cross-view pairs), got {cfg.data.num_global}")
+    positive("data.num_local", cfg.data.num_local, allow_zero=True)
+    positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    for key, (lo, hi) in (("data.global_scale", cfg.data.global_scale), ("data.local_scale", cfg.data.local_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+    if not 0 <= cfg.mask.probability <= 1:
+        raise ConfigError(f"config key 'mask.probability' must be in [0, 1], got {cfg.mask.probability}")
+    if not 0 <= cfg.mask.ratio_min <= cfg.mask.ratio_max < 1:
+        raise ConfigError(
+            f"config keys 'mask.ratio_min' / 'mask.ratio_max' must satisfy 0 <= min <= max < 1, "
+            f"got {cfg.mask.ratio_min} / {cfg.mask.ratio_max}"
+        )
+    if not 0 < cfg.mask.aspect_min <= 1:
+        raise ConfigError(f"config key 'mask.aspect_min' must be in (0, 1], got {cfg.mask.aspect_min}")
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "patch_teacher_temp",
+                "warmup_patch_teacher_temp"):
+        positive(f"loss.{key}", getattr(cfg.loss, key))
+    if not 0 <= cfg.loss.center_momentum < 1:
+        raise ConfigError(f"config key 'loss.center_momentum' must be in [0, 1), got {cfg.loss.center_momentum}")
+    positive("optim.lr", cfg.optim.lr)
+    positive("optim.clip_grad", cfg.optim.clip_grad, allow_zero=True)
+    if not 0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1:
+        raise ConfigError(
+            "config keys 'optim.momentum_teacher' <= 'optim.momentum_teacher_end' must lie in [0, 1], got "
+            f"{cfg.optim.momentum_teacher} / {cfg.optim.momentum_teacher_end}"
+        )
+    positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    positive("checkpoint.keep", cfg.checkpoint.keep)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        for key, value in data.items():
+            try:
+                _set(cfg, str(key), value)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value)
+    _check(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in data.items():
+        _set(cfg, key, value)
+    _check(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,128 @@
+"""iBOT student and teacher: ViT backbone + shared projection head, EMA teacher, centres.
+
+The student sees the masked global crops and the unmasked local crops in one `forward` call (one DDP/FSDP
+forward per step) and runs its head once, on the cls tokens of every crop plus the masked global tokens only
+(pitfall 17). The teacher (EMA of the student, eval mode, no drop-path, no mask token, no grad) sees the unmasked
+global crops only (pitfall 1).
+
+Shapes: G global views, L local views, B images per view, N patches per global crop, D embed dim, K prototypes,
+M masked tokens (flat indices into [G*B, N], `mask.nonzero()` order).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import LossConfig, ModelConfig
+from engine.model.head import IBOTHead
+from engine.model.vit import VisionTransformer
+from engine.objective import AllReduce, update_centers_
+from kernels import ema_update_
+
+
+class TeacherOutput(NamedTuple):
+    cls_logits: Tensor  # [G*B, K]
+    patch_logits: Tensor  # [M, K]
+    patch_sum: Tensor  # [K] fp32 sum of the teacher patch logits that define the patch centre
+    patch_count: int  # how many rows patch_sum adds up
+
+
+class StudentOutput(NamedTuple):
+    cls_logits: Tensor  # [(G+L)*B, K]
+    patch_logits: Tensor  # [M, K]
+
+
+class IBOTNetwork(nn.Module):
+    """Backbone + head. `forward` returns cls logits of every crop and logits of the selected patch tokens."""
+
+    def __init__(self, cfg: ModelConfig, *, student: bool) -> None:
+        super().__init__()
+        self.backbone = VisionTransformer(
+            cfg.arch,
+            patch_size=cfg.patch_size,
+            img_size=cfg.img_size,
+            drop_path=cfg.drop_path if student else 0.0,
+            layerscale=cfg.layerscale,
+            mask_token=student,
+        )
+        self.head = IBOTHead(
+            self.backbone.embed_dim,
+            cfg.out_dim,
+            hidden_dim=cfg.head_hidden_dim,
+            bottleneck_dim=cfg.head_bottleneck_dim,
+            num_layers=cfg.head_layers,
+            norm_last_layer=cfg.norm_last_layer,
+        )
+
+    def forward(
+        self,
+        global_crops: Tensor,
+        mask_indices: Tensor | None,
+        masks: Tensor | None = None,
+        local_crops: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Logits of the cls tokens [(G+L)*B, K] and of the patch tokens picked by `mask_indices` [M, K]
+        (every patch token of the global crops when `mask_indices` is None)."""
+        tokens_g = self.backbone(global_crops, masks)  # [G*B, 1+N, D]
+        cls = [tokens_g[:, 0]]
+        if local_crops is not None and local_crops.shape[0] > 0:
+            cls.append(self.backbone(local_crops)[:, 0])
+        patches = tokens_g[:, 1:].reshape(-1, tokens_g.shape[-1])
+        if mask_indices is not None:
+            patches = patches.index_select(0, mask_indices)
+        num_cls = sum(c.shape[0] for c in cls)
+        logits = self.head(torch.cat([*cls, patches]))  # one head call for every row (DINOv2's trick)
+        return logits[:num_cls], logits[num_cls:]
+
+
+class IBOT(nn.Module):
+    """Student, EMA teacher and the two centres. The trainer wraps `student` for DDP/FSDP."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
+        super().__init__()
+        self.student = IBOTNetwork(model_cfg, student=True)
+        self.teacher = IBOTNetwork(model_cfg, student=False)
+        self.teacher.load_state_dict(self.student.state_dict(), strict=False)  # teacher starts as the student
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.patch_center_rule = loss_cfg.patch_center
+        self.center_momentum = loss_cfg.center_momentum
+        self.register_buffer("cls_center", torch.zeros(model_cfg.out_dim))
+        self.register_buffer("patch_center", torch.zeros(model_cfg.out_dim))
+
+    def train(self, mode: bool = True) -> IBOT:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains: no drop-path
+        return self
+
+    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Matched (teacher, student) parameters by name; student-only ones (the mask token) have no partner."""
+        student = dict(self.student.named_parameters())
+        names = [name for name, _ in self.teacher.named_parameters()]
+        missing = [n for n in names if n not in student]
+        assert not missing, f"teacher parameters without a student partner: {missing}"
+        return [p for _, p in self.teacher.named_parameters()], [student[n] for n in names]
+
+    @torch.no_grad()
+    def teacher_forward(self, global_crops: Tensor, mask_indices: Tensor) -> TeacherOutput:
+        if self.patch_center_rule == "all":
+            cls, patches_all = self.teacher(global_crops, None)  # head on every patch token (official centre)
+            return TeacherOutput(cls, patches_all.index_select(0, mask_indices), patches_all.float().sum(0),
+                                 patches_all.shape[0])
+        cls, patches = self.teacher(global_crops, mask_indices)
+        return TeacherOutput(cls, patches, patches.float().sum(0), patches.shape[0])
+
+    @torch.no_grad()
+    def update_centers(self, teacher: TeacherOutput, all_reduce: AllReduce | None = None) -> None:
+        update_centers_(self.cls_center, self.patch_center, teacher.cls_logits, teacher.patch_sum,
+                        teacher.patch_count, self.center_momentum, all_reduce)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float, pairs: tuple[list[Tensor], list[Tensor]] | None = None) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student over matched parameters (one fused call)."""
+        teacher, student = pairs if pairs is not None else self.ema_pairs()
+        ema_update_(teacher, student, momentum)
+

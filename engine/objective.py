@@ -1,0 +1,179 @@
+"""The iBOT objective: cls self-distillation over cross-view pairs plus masked-patch self-distillation.
+
+    L = lambda_cls * L_cls + lambda_patch * L_patch                                         (iBOT eq. 1-3)
+    L_cls   = 1 / (G (G + L) - G) * sum_{q < G} sum_{v != q} mean_b H(P_t^cls[q, b], P_s^cls[v, b])
+    L_patch = 1 / (G B) * sum_{global crops c} sum_{i in M_c} H(P_t^patch[c, i], P_s^patch[c, i]) / max(1, |M_c|)
+
+with P_t = softmax((t - centre) / tau_t) in fp32 and log P_s = log_softmax(s / tau_s), H(p, q) = -sum_k p_k log q_k.
+Every softmax goes through `kernels.centered_softmax_cross_entropy` (Triton on GPU, the PyTorch reference
+elsewhere). Centres are two buffers (cls, patch) updated after the loss with all-reduced batch statistics; the
+Sinkhorn-Knopp alternative (DINOv2) replaces them behind `loss.centering=sinkhorn`.
+
+Shapes: G global views, L local views, B images per view, K prototypes, M masked tokens in `mask.nonzero()` order,
+V = G + L. Tensors are view-major: all B images of view 0, then view 1, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from kernels import centered_softmax_cross_entropy
+
+AllReduce = Callable[[Tensor], Tensor]
+
+
+class IBOTLoss(NamedTuple):
+    total: Tensor
+    cls: Tensor
+    patch: Tensor
+
+
+def _cross_view_pairs(num_global: int, num_views: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row indices (teacher rows, student rows) of every pair (q, v), q < G, v != q, each over its B images."""
+    pairs = [(q, v) for q in range(num_global) for v in range(num_views) if v != q]
+    q_idx = torch.tensor([q for q, _ in pairs], device=device)
+    v_idx = torch.tensor([v for _, v in pairs], device=device)
+    b = torch.arange(batch, device=device)
+    teacher_rows = (q_idx[:, None] * batch + b).reshape(-1)
+    student_rows = (v_idx[:, None] * batch + b).reshape(-1)
+    return teacher_rows, student_rows
+
+
+def masked_token_weights(mask: Tensor, num_masked: int) -> Tensor:
+    """[M] weight 1 / (masked count of the token's crop) for the tokens of `mask.nonzero()` order, no host sync."""
+    counts = mask.flatten(1).sum(1)
+    crop_of_token = torch.repeat_interleave(
+        torch.arange(mask.shape[0], device=mask.device), counts, output_size=num_masked
+    )
+    return 1.0 / counts.clamp(min=1).float()[crop_of_token]
+
+
+def ibot_loss(
+    student_cls: Tensor,
+    teacher_cls: Tensor,
+    student_patch: Tensor,
+    teacher_patch: Tensor,
+    mask: Tensor,
+    cls_center: Tensor,
+    patch_center: Tensor,
+    teacher_temp: float,
+    patch_teacher_temp: float,
+    student_temp: float = 0.1,
+    *,
+    num_global: int = 2,
+    lambda_cls: float = 1.0,
+    lambda_patch: float = 1.0,
+) -> IBOTLoss:
+    """iBOT loss of one batch (scalars, fp32).
+
+    Args:
+        student_cls: [(G + L) * B, K] student cls logits, view-major (masked global views first, then locals).
+        teacher_cls: [G * B, K] teacher cls logits of the unmasked global views.
+        student_patch: [M, K] student logits of the masked global tokens, `mask.nonzero()` order.
+        teacher_patch: [M, K] teacher logits of the same tokens.
+        mask: [G * B, h, w] bool; G * B = mask.shape[0].
+        cls_center, patch_center: [K] fp32 centres (use zeros with Sinkhorn targets; see `sinkhorn_log_targets`).
+        teacher_temp, patch_teacher_temp, student_temp: temperatures.
+        num_global: G (2 in iBOT).
+    """
+    num_crops = mask.shape[0]
+    if num_crops % num_global:
+        raise ValueError(f"mask has {num_crops} crops, not a multiple of num_global={num_global}")
+    batch = num_crops // num_global
+    if teacher_cls.shape[0] != num_crops or student_cls.shape[0] % batch:
+        raise ValueError(
+            f"teacher_cls {tuple(teacher_cls.shape)} / student_cls {tuple(student_cls.shape)} do not match "
+            f"mask {tuple(mask.shape)} with {num_global} global views"
+        )
+    num_views = student_cls.shape[0] // batch
+    num_masked = student_patch.shape[0]
+    if teacher_patch.shape[0] != num_masked:
+        raise ValueError(f"student_patch has {num_masked} rows, teacher_patch {teacher_patch.shape[0]}")
+
+    teacher_rows, student_rows = _cross_view_pairs(num_global, num_views, batch, student_cls.device)
+    ce_cls = centered_softmax_cross_entropy(
+        student_cls.index_select(0, student_rows),
+        teacher_cls.index_select(0, teacher_rows),
+        cls_center,
+        student_temp,
+        teacher_temp,
+    )
+    # Mean over pairs of the per-pair mean over B == mean over all pair rows (every pair has B rows).
+    loss_cls = ce_cls.mean() if ce_cls.numel() else ce_cls.sum()
+
+    ce_patch = centered_softmax_cross_entropy(
+        student_patch, teacher_patch, patch_center, student_temp, patch_teacher_temp
+    )
+    # Per crop: sum over its masked tokens / max(1, count); then mean over all G*B crops, unmasked ones adding 0.
+    loss_patch = (ce_patch * masked_token_weights(mask, num_masked)).sum() / num_crops
+
+    total = lambda_cls * loss_cls + lambda_patch * loss_patch
+    return IBOTLoss(total, loss_cls, loss_patch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Centring
+
+
+@torch.no_grad()
+def update_centers_(
+    cls_center: Tensor,
+    patch_center: Tensor,
+    teacher_cls: Tensor,
+    patch_sum: Tensor,
+    patch_count: int,
+    momentum: float,
+    all_reduce: AllReduce | None = None,
+) -> None:
+    """EMA of the centres towards this step's global batch means (call after the loss used the old ones).
+
+    c  <- m c  + (1 - m) * allreduce(sum_rows teacher_cls) / allreduce(rows)
+    c2 <- m c2 + (1 - m) * allreduce(patch_sum) / allreduce(patch_count)
+
+    `patch_sum` sums the teacher patch logits that define the patch centre (all tokens of the global crops for the
+    official rule, masked tokens only for DINOv2's); a global count of 0 leaves c2 unchanged. One collective.
+    """
+    K = cls_center.shape[0]
+    stats = torch.cat(
+        [
+            teacher_cls.float().sum(0),
+            patch_sum.float(),
+            torch.tensor([teacher_cls.shape[0], patch_count], device=cls_center.device, dtype=torch.float32),
+        ]
+    )
+    if all_reduce is not None:
+        stats = all_reduce(stats)
+    cls_mean = stats[:K] / stats[2 * K]
+    patch_count_all = stats[2 * K + 1]
+    patch_mean = stats[K : 2 * K] / patch_count_all.clamp(min=1)
+    cls_center.mul_(momentum).add_(cls_mean, alpha=1 - momentum)
+    new_patch = patch_center * momentum + patch_mean * (1 - momentum)
+    patch_center.copy_(torch.where(patch_count_all > 0, new_patch, patch_center))  # no host sync on the count
+
+
+@torch.no_grad()
+def sinkhorn_log_targets(
+    teacher_logits: Tensor, teacher_temp: float, num_iters: int = 3, all_reduce: AllReduce | None = None
+) -> Tensor:
+    """Sinkhorn-Knopp teacher targets (DINOv2), returned as log-probabilities [n, K] in fp32.
+
+    Feeding them to the centred cross-entropy with centre 0 and temperature 1 gives exactly these targets,
+    since softmax(log q) = q for a distribution q; so the softmax work still goes through the kernel.
+    As in DINOv2 there is no max-subtraction before exp: logits are bounded cosines (times g).
+    """
+    Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # [K, n]
+    n_local = torch.tensor([Q.shape[1]], device=Q.device, dtype=torch.float32)
+    n_total = all_reduce(n_local.clone()) if all_reduce is not None else n_local
+    total = Q.sum().reshape(1)
+    Q /= all_reduce(total) if all_reduce is not None else total
+    K = Q.shape[0]
+    for _ in range(num_iters):
+        rows = Q.sum(dim=1, keepdim=True)
+        Q /= (all_reduce(rows) if all_reduce is not None else rows) * K
+        Q /= Q.sum(dim=0, keepdim=True).clamp(min=1e-30) * n_total
+    Q *= n_total
+    return Q.t().clamp(min=1e-30).log()

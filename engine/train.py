@@ -1,0 +1,242 @@
+"""`ibot train`: build everything from the config, then run the loop.
+
+The loop reads top to bottom: schedules -> `train_step` -> log (the only host syncs) -> checkpoint. A non-finite
+loss is accumulated into a device flag every step (no sync) and read at log and checkpoint boundaries: the run
+stops with a clear error before any checkpoint of a non-finite state is written, so the last good one survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from engine.checkpoint import Checkpointer, load_checkpoint
+from engine.config import Config, config_to_dict, save_config
+from engine.data.loader import Batch, build_data_stream
+from engine.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
+from engine.logging import MetricLogger, setup_logging
+from engine.model.ibot import IBOT
+from engine.objective import IBOTLoss, ibot_loss, sinkhorn_log_targets
+from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
+from engine.schedules import Hyperparams, hyperparams_at, peak_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches; built once by `build_trainer`."""
+
+    cfg: Config
+    env: DistEnv
+    model: IBOT
+    student: nn.Module  # model.student, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data: Any  # engine.data.loader.DataStream
+    checkpointer: Checkpointer
+    total_steps: int
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": rng,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
+    return cfg.train.steps if cfg.train.steps > 0 else max(1, round(cfg.train.epochs * steps_per_epoch))
+
+
+def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
+    if cfg.distributed.strategy == "fsdp":
+        raise ValueError("distributed.strategy=fsdp is not available yet; use ddp or none")
+    if cfg.distributed.strategy == "none" and env.world_size > 1:
+        raise ValueError(f"distributed.strategy=none with WORLD_SIZE={env.world_size}; use distributed.strategy=ddp")
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    data = build_data_stream(
+        cfg.data, cfg.mask, batch_size=cfg.train.batch_size, patch_size=cfg.model.patch_size, seed=cfg.train.seed,
+        rank=env.rank, world_size=env.world_size, device=env.device,
+    )
+    model = IBOT(cfg.model, cfg.loss).to(env.device)
+    student: nn.Module = model.student
+    if cfg.distributed.strategy == "ddp" and env.world_size > 1:
+        student = nn.parallel.DistributedDataParallel(
+            model.student, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    optimizer = build_optimizer(model.student, cfg.optim, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype(cfg.precision, env.device) == torch.float16)
+    if cfg.train.compile:
+        for block in model.student.backbone.blocks:
+            block.compile()
+        for block in model.teacher.backbone.blocks:
+            block.compile()
+    return Trainer(
+        cfg=cfg, env=env, model=model, student=student, optimizer=optimizer, scaler=scaler, data=data,
+        checkpointer=Checkpointer(cfg.run.dir, cfg.checkpoint.keep),
+        total_steps=total_steps_for(cfg, data.steps_per_epoch),
+    )
+
+
+def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype | None,
+               ema_pairs: tuple[list[Tensor], list[Tensor]], params: list[Tensor]) -> tuple[IBOTLoss, Tensor]:
+    cfg, model = t.cfg, t.model
+    apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay)
+    amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with amp:
+        teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)
+        student_cls, student_patch = t.student(batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
+        teacher_cls, teacher_patch = teacher.cls_logits, teacher.patch_logits
+        cls_center, patch_center = model.cls_center, model.patch_center
+        temp, patch_temp = hp.teacher_temp, hp.patch_teacher_temp
+        if cfg.loss.centering == "sinkhorn":
+            # Targets as log-probabilities: centre 0 and temperature 1 reproduce them exactly in the kernel.
+            teacher_cls = sinkhorn_log_targets(teacher_cls, temp, all_reduce=all_reduce_sum)
+            teacher_patch = sinkhorn_log_targets(teacher_patch, patch_temp, all_reduce=all_reduce_sum)
+            cls_center, patch_center = torch.zeros_like(cls_center), torch.zeros_like(patch_center)
+            temp = patch_temp = 1.0
+        losses = ibot_loss(
+            student_cls, teacher_cls, student_patch, teacher_patch, batch.masks, cls_center, patch_center,
+            temp, patch_temp, cfg.loss.student_temp, num_global=cfg.data.num_global,
+            lambda_cls=cfg.loss.lambda_cls, lambda_patch=cfg.loss.lambda_patch,
+        )
+    t.scaler.scale(losses.total).backward()
+    if cfg.loss.centering == "center":
+        model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
+    t.scaler.unscale_(t.optimizer)
+    grad_norm = clip_gradients_(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
+    if hp.freeze_last_layer:  # the step is known on the host: no sync to decide this
+        for p in last_layer_params(t.optimizer):
+            p.grad = None  # AdamW skips parameters without gradients: no update, no decay
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    model.update_teacher(hp.momentum, ema_pairs)
+    return losses, grad_norm
+
+
+def max_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the last logged metrics."""
+    env = init_distributed()
+    setup_logging(env.rank)
+    try:
+        return _train(cfg, env)
+    finally:
+        teardown()
+
+
+def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    t = build_trainer(cfg, env)
+    resume = t.checkpointer.resolve_resume(cfg.checkpoint.resume)
+    if resume is not None:
+        t.load_state_dict(load_checkpoint(resume))
+        log.info("resumed from %s at step %d", resume, t.step)
+    amp_dtype = autocast_dtype(cfg.precision, env.device)
+    log.info(
+        "ibot: %s/%d, %d params, device %s x %d, precision %s, %d images, %d steps/epoch, %d steps, peak lr %.2e",
+        cfg.model.arch, cfg.model.patch_size, sum(p.numel() for p in t.model.student.parameters()), env.device,
+        env.world_size, "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."), t.data.num_samples,
+        t.data.steps_per_epoch, t.total_steps, peak_lr(cfg, env.world_size),
+    )
+    metrics = MetricLogger(run_dir, t.total_steps, enabled=env.is_main, start_step=t.step)
+    ema_pairs = t.model.ema_pairs()
+    params = [p for p in t.model.student.parameters() if p.requires_grad]
+    nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+    last: dict[str, Any] = {}
+    images_per_step = cfg.train.batch_size * env.world_size
+    interval_start, interval_steps, run_start_step, run_start = time.perf_counter(), 0, t.step, time.perf_counter()
+
+    def check_finite() -> None:
+        if nonfinite.item():  # host sync, only at log / checkpoint boundaries
+            good = t.checkpointer.latest()
+            raise NonFiniteLossError(
+                f"non-finite loss at or before step {t.step}; stopping. Last good checkpoint: {good or 'none'}. "
+                "Try precision=bf16 or fp32, a lower optim.lr, or a longer warm-up."
+            )
+
+    t.model.train()
+    data_iter = iter(t.data)
+    try:
+        while t.step < t.total_steps:
+            hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
+            batch = next(data_iter).to(env.device)
+            losses, grad_norm = train_step(t, batch, hp, amp_dtype, ema_pairs, params)
+            nonfinite |= ~torch.isfinite(losses.total.detach())
+            t.step += 1
+            interval_steps += 1
+            if t.step % cfg.train.log_every == 0 or t.step == t.total_steps:
+                check_finite()
+                values = torch.stack([losses.total, losses.cls, losses.patch, grad_norm.float()]).tolist()  # sync
+                now = time.perf_counter()
+                last = {
+                    "step": t.step, "loss": values[0], "loss_cls": values[1], "loss_patch": values[2],
+                    "lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum,
+                    "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
+                    "grad_norm": values[3], "img_per_s": images_per_step * interval_steps / (now - interval_start),
+                    "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
+                    "data_skipped": int(getattr(batch, "num_skipped", 0)),
+                }
+                per_step = (now - run_start) / max(t.step - run_start_step, 1)
+                metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
+                interval_start, interval_steps = time.perf_counter(), 0
+            if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
+                check_finite()
+                state = t.state_dict()
+                if env.is_main:
+                    t.checkpointer.save(t.step, state)
+    finally:
+        metrics.close()
+    if last and math.isfinite(last["loss"]):
+        log.info("done: %d steps, final loss %.4f", t.step, last["loss"])
+    return last

@@ -1,0 +1,113 @@
+"""ViT, head and the student/teacher pair: gradients, masking semantics, position-embedding resampling, EMA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import LossConfig, ModelConfig
+from engine.model.ibot import IBOT
+from engine.model.vit import VisionTransformer
+
+TINY = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, out_dim=64, head_hidden_dim=32,
+                   head_bottleneck_dim=16, drop_path=0.1)
+
+
+def _model(**loss_kw) -> IBOT:
+    torch.manual_seed(0)
+    return IBOT(TINY, LossConfig(**loss_kw))
+
+
+def test_every_trainable_student_param_gets_a_gradient_and_no_teacher_param_does():
+    model = _model()
+    B, G, L = 2, 2, 2
+    g = torch.randn(G * B, 3, 32, 32)
+    loc = torch.randn(L * B, 3, 16, 16)
+    masks = torch.zeros(G * B, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    masks[3, 1:, 1:] = True
+    idx = masks.flatten().nonzero().squeeze(1)
+    teacher = model.teacher_forward(g, idx)
+    s_cls, s_patch = model.student(g, idx, masks, loc)
+    assert s_cls.shape == (2 * B + L * B, 64) and s_patch.shape == (idx.numel(), 64)
+    loss = (s_cls.logsumexp(-1).sum() + s_patch.logsumexp(-1).sum() + (s_cls[:4] * teacher.cls_logits).sum())
+    loss.backward()
+    for name, p in model.student.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for student {name}"
+    for name, p in model.teacher.named_parameters():
+        assert not p.requires_grad and p.grad is None, f"teacher {name} has a gradient"
+
+
+def test_teacher_has_no_mask_token_and_starts_equal_to_student():
+    model = _model()
+    assert model.student.backbone.mask_token is not None
+    assert model.teacher.backbone.mask_token is None
+    teacher_pairs, student_pairs = model.ema_pairs()
+    assert len(teacher_pairs) == len(list(model.student.parameters())) - 1  # all but the mask token
+    for t, s in zip(teacher_pairs, student_pairs, strict=True):
+        assert torch.equal(t, s)
+
+
+def test_mask_token_replaces_masked_patches_before_position_embedding():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_tiny", patch_size=8, img_size=32, mask_token=True)
+    with torch.no_grad():
+        vit.mask_token.normal_()
+    images = torch.randn(1, 3, 32, 32)
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, 1, 2] = True
+    tokens = vit.prepare_tokens(images, masks)
+    pos = vit.pos_embed[0]
+    # token 1 + (1 * 4 + 2) is the masked one: mask token + its own position embedding
+    torch.testing.assert_close(tokens[0, 1 + 6], vit.mask_token[0] + pos[1 + 6])
+    unmasked = vit.prepare_tokens(images, None)
+    torch.testing.assert_close(tokens[0, :7], unmasked[0, :7])  # cls and the other patches untouched
+    torch.testing.assert_close(tokens[0, 8:], unmasked[0, 8:])
+
+
+def test_resampled_position_embedding_equals_bicubic_interpolation():
+    torch.manual_seed(0)
+    vit = VisionTransformer("vit_tiny", patch_size=16, img_size=224)
+    D = vit.embed_dim
+    grid = vit.pos_embed[0, 1:].reshape(1, 14, 14, D).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    got = vit.pos_embed_for(6, 6)
+    torch.testing.assert_close(got[0, 1:], expected.reshape(36, D), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[0, 0], vit.pos_embed[0, 0])
+    # cached resampling weights, but the embedding follows the parameter after an update
+    with torch.no_grad():
+        vit.pos_embed.add_(1.0)
+    torch.testing.assert_close(vit.pos_embed_for(6, 6)[0, 1:], got[0, 1:] + 1.0, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_ema_matches_formula():
+    model = _model()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [t.clone() for t in model.ema_pairs()[0]]
+    model.update_teacher(0.9)
+    for t0, t, s in zip(before, *model.ema_pairs(), strict=True):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+
+
+def test_norm_last_layer_freezes_gain():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**{f: getattr(TINY, f) for f in TINY.__slots__}, "norm_last_layer": True})
+    model = IBOT(cfg, LossConfig())
+    assert not model.student.head.last_layer.weight_g.requires_grad
+    logits = model.student.head(torch.randn(5, 192)  # vit_tiny width)
+    assert logits.abs().max() <= 1.0 + 1e-5  # exact cosines
+
+
+def test_patch_center_rules():
+    g = torch.randn(4, 3, 32, 32)
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    masks[1, 0] = True
+    idx = masks.flatten().nonzero().squeeze(1)
+    out_all = _model(patch_center="all").teacher_forward(g, idx)
+    out_masked = _model(patch_center="masked").teacher_forward(g, idx)
+    assert out_all.patch_count == 4 * 16 and out_masked.patch_count == 4
+    torch.testing.assert_close(out_all.patch_logits, out_masked.patch_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_masked.patch_sum, out_masked.patch_logits.sum(0))
