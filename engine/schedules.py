@@ -35,7 +35,7 @@ def teacher_temperature(step: int, steps_per_epoch: int, warmup_epochs: float, s
     if per_step:
         warmup = warmup_epochs * steps_per_epoch
         return end if step >= warmup else start + (end - start) * step / max(warmup, 1)
-    n = int(round(warmup_epochs))
+    n = round(warmup_epochs)
     epoch = step // steps_per_epoch
     if epoch >= n - 1 or n <= 1:
         return end
@@ -59,7 +59,7 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 
 def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int, world_size: int) -> Hyperparams:
     o, loss = cfg.optim, cfg.loss
-    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    warmup = round(o.warmup_epochs * steps_per_epoch)
     return Hyperparams(
         lr=warmup_cosine(step, total_steps, warmup, peak_lr(cfg, world_size), o.min_lr),
         weight_decay=cosine(step, total_steps, o.weight_decay, o.weight_decay_end),

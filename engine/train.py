@@ -8,6 +8,7 @@ stops with a clear error before any checkpoint of a non-finite state is written,
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import resource
@@ -156,6 +157,14 @@ def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype
     return losses, grad_norm
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics records of steps <= `step` (all of them gone for a fresh run)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def max_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -182,6 +191,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     if resume is not None:
         t.load_state_dict(load_checkpoint(resume))
         log.info("resumed from %s at step %d", resume, t.step)
+    if env.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", t.step)  # records past the resumed step are superseded
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     log.info(
         "ibot: %s/%d, %d params, device %s x %d, precision %s, %d images, %d steps/epoch, %d steps, peak lr %.2e",

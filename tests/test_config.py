@@ -57,7 +57,8 @@ def test_bad_overrides_name_the_key(override, match):
 def test_bad_key_in_yaml_names_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  out_dimm: 10\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.out_dimm'; did you mean 'model.out_dim'"):
+    expected = r"bad.yaml: unknown config key 'model.out_dimm'; did you mean 'model.out_dim'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(path)
 
 

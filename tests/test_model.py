@@ -97,7 +97,7 @@ def test_norm_last_layer_freezes_gain():
     cfg = ModelConfig(**{**{f: getattr(TINY, f) for f in TINY.__slots__}, "norm_last_layer": True})
     model = IBOT(cfg, LossConfig())
     assert not model.student.head.last_layer.weight_g.requires_grad
-    logits = model.student.head(torch.randn(5, 192)  # vit_tiny width)
+    logits = model.student.head(torch.randn(5, 192))  # 192: the vit_tiny width
     assert logits.abs().max() <= 1.0 + 1e-5  # exact cosines
 
 

@@ -46,7 +46,7 @@ def official_ibot_loss(student_output, teacher_output, student_local_cls, studen
 
     total_loss1 = total_loss1 / n_loss_terms1 * lambda1
     total_loss2 = total_loss2 / n_loss_terms2 * lambda2
-    return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2)
+    return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2)  # noqa: C408 (literal port)
 
 
 def official_update_center(center, center2, teacher_cls, teacher_patch, momentum, world_size=1):

@@ -159,7 +159,7 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, images: Tensor, masks: Tensor | None = None) -> Tensor:
         x = self.patch_embed(images)  # [B, D, h, w]
-        B, D, h, w = x.shape
+        B, _, h, w = x.shape
         x_BND = x.flatten(2).transpose(1, 2)
         if masks is not None:
             if self.mask_token is None:

@@ -2,8 +2,8 @@
 
     ce_m = -sum_k softmax((teacher_m - center) / teacher_temp)_k * log_softmax(student_m / student_temp)_k
 
-Shapes: student, teacher (M, K) in fp32/bf16/fp16; center (K,) fp32; returns ce (M,) fp32.
-The teacher side is a target: no gradient flows to `teacher` or `center`.
+Shapes: student, teacher (M, K) in fp32/bf16/fp16; center (K,) fp32; returns ce (M,) fp32 (float64 for float64
+inputs, so that `gradcheck` can run on it). The teacher side is a target: no gradient flows to `teacher` or `center`.
 Memory traffic (eager): reads 2MK, writes ~4MK fp32 temporaries (probabilities, log-probabilities, product).
 """
 
@@ -21,10 +21,12 @@ def centered_softmax_cross_entropy(
     teacher_temp: float,
     return_teacher_sum: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    teacher_f32 = teacher.detach().float()
-    p_teacher = torch.softmax((teacher_f32 - center.detach().float()) / teacher_temp, dim=-1)
-    log_p_student = torch.log_softmax(student.float() / student_temp, dim=-1)
+    # fp32 arithmetic for fp32/bf16/fp16 inputs; float64 stays float64.
+    opmath = torch.promote_types(student.dtype, torch.float32)
+    teacher_f = teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32))
+    p_teacher = torch.softmax((teacher_f - center.detach()) / teacher_temp, dim=-1).to(opmath)
+    log_p_student = torch.log_softmax(student.to(opmath) / student_temp, dim=-1)
     ce = -(p_teacher * log_p_student).sum(dim=-1)
     if return_teacher_sum:
-        return ce, teacher_f32.sum(dim=0)
+        return ce, teacher_f.sum(dim=0)
     return ce

@@ -1,0 +1,367 @@
+"""The training data stream: dataset -> multi-crop views -> masking collate -> `Batch`, forever, resumable.
+
+`build_data_stream(...)` returns a `DataStream`, an endless iterable of `Batch` over epochs. Any other source
+(the WebDataset pipeline) plugs into the trainer by yielding the same `Batch`.
+
+Order and seeding, all pure functions of the run seed so that a resumed run is bit-identical on CPU:
+* Epoch e uses a permutation of the dataset seeded by (seed, e). Global batch b of the epoch is
+  perm[b*GB : (b+1)*GB] with GB = B * world_size; rank r takes the contiguous slice [r*B : (r+1)*B]. The tail
+  that does not fill a global batch is dropped, so every rank has the same B (pitfall 8) and the same global
+  batch is made of the same samples whatever the world size.
+* The views of a sample come from a generator seeded by (seed, e, sample index) (transforms.py), and official
+  masks by (seed, e, sample index, view) (masking.py), so neither depends on workers, ranks or batch position.
+  DINOv2 masks are drawn per (seed, e, global batch index, rank).
+* Workers are told which (epoch, batch, index) to produce through the sampler, so they hold no epoch state and
+  one DataLoader iterator can run across epochs (no worker restart, no empty prefetch queue at epoch ends).
+
+Shapes: B images per rank, G global views, L local views, h x w patch grid of a global crop (h = Hg // patch),
+M masked tokens of the batch. Crops are view-major: all B images of view 0, then view 1, ...
+    global_crops [G*B, 3, Hg, Wg] float32     local_crops [L*B, 3, Hl, Wl] float32
+    masks [G*B, h, w] bool   mask_indices [M] int64   mask_weights [M] float32   labels, indices [B] int64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.utils.data
+from torch import Tensor
+
+from engine.config import DataConfig, MaskConfig
+from engine.data.folder import ImageFolderDataset
+from engine.data.masking import generate_masks, masked_token_indices, seeded_rng
+from engine.data.transforms import MultiCropTransform
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SHAPES = "builtin:shapes"
+# Domain tags of the seeded streams (masking.py has its own): keys with equal numbers in different roles,
+# e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
+_TAG_PERMUTATION = 0x5045  # "PE"
+_TAG_AUGMENT = 0x4147  # "AG"
+
+
+@dataclass
+class Batch:
+    """One rank's training batch; tensors are on the CPU until `.to(device)`."""
+
+    global_crops: Tensor  # [G*B, 3, Hg, Wg] float32, view-major
+    local_crops: Tensor  # [L*B, 3, Hl, Wl] float32, view-major; [0, 3, Hl, Wl] when L == 0
+    masks: Tensor  # [G*B, h, w] bool, same order as global_crops
+    mask_indices: Tensor  # [M] int64, masks.flatten().nonzero() order
+    mask_weights: Tensor  # [M] float32, 1 / (masked count of the token's image)
+    labels: Tensor  # [B] int64, -1 where unknown
+    indices: Tensor  # [B] int64 dataset indices of the images actually loaded
+    num_skipped: int = 0  # unreadable files replaced by the next readable one in this batch
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        return dataclasses.replace(
+            self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "num_skipped"}
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """Every tensor on `device`; asynchronous from pinned memory when `non_blocking`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy; the DataLoader's pin-memory thread calls this."""
+        return self._map(Tensor.pin_memory)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset sample `index` in `epoch`: a 64-bit hash of (seed, epoch, index)."""
+    return int(np.random.SeedSequence([_TAG_AUGMENT, seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SampleKey(NamedTuple):
+    """What a worker is asked to produce: sample `index` of global batch `batch` of `epoch`."""
+
+    epoch: int
+    batch: int
+    index: int
+
+
+class Sample(NamedTuple):
+    """One image's views and bookkeeping, as a worker hands it to the collate."""
+
+    crops: list[Tensor]  # G global then L local views
+    label: int
+    index: int  # the index actually loaded (differs from the key's after skipping unreadable files)
+    num_skipped: int
+    key: SampleKey
+
+
+class EpochBatchSampler:
+    """Endless per-rank batches of `SampleKey`s from (start_epoch, start_batch) on; see the module docstring."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+    ) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = num_samples // (batch_size * world_size)
+        assert self.steps_per_epoch > 0 and 0 <= start_batch < self.steps_per_epoch
+        self.start_epoch = start_epoch
+        self.start_batch = start_batch
+
+    def global_batch(self, permutation: np.ndarray, batch: int) -> np.ndarray:
+        """Dataset indices of global batch `batch` ([batch_size * world_size]), all ranks."""
+        size = self.batch_size * self.world_size
+        return permutation[batch * size : (batch + 1) * size]
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return seeded_rng(_TAG_PERMUTATION, self.seed, epoch).permutation(self.num_samples)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        epoch, batch = self.start_epoch, self.start_batch
+        while True:
+            permutation = self.permutation(epoch)
+            for b in range(batch, self.steps_per_epoch):
+                mine = self.global_batch(permutation, b)[
+                    self.rank * self.batch_size : (self.rank + 1) * self.batch_size
+                ]
+                yield [SampleKey(epoch, b, int(i)) for i in mine]
+            epoch, batch = epoch + 1, 0
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Maps a `SampleKey` to the multi-crop views of that image (runs in the dataloader workers)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform: MultiCropTransform, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __getitem__(self, key: SampleKey) -> Sample:  # type: ignore[override]
+        if isinstance(self.dataset, ImageFolderDataset):
+            image, label, num_skipped = self.dataset.load(key.index)
+        else:
+            image, label = self.dataset[key.index]
+            num_skipped = 0
+        crops = self.transform(image, seed=sample_seed(self.seed, key.epoch, key.index))
+        index = (key.index + num_skipped) % len(self.dataset)  # type: ignore[arg-type]
+        return Sample(crops, label, index, num_skipped, key)
+
+
+class MultiCropCollate:
+    """Stacks samples view-major and draws the global-crop masks of the batch (CPU, in the worker)."""
+
+    def __init__(
+        self, mask_cfg: MaskConfig, *, num_global: int, local_size: int, grid: tuple[int, int], seed: int, rank: int
+    ) -> None:
+        self.mask_cfg = mask_cfg
+        self.num_global = num_global
+        self.local_size = local_size
+        self.grid = grid
+        self.seed = seed
+        self.rank = rank
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        num_views = len(samples[0].crops)
+        key = samples[0].key
+        # One stack straight into view-major order: stacking per view and concatenating copies twice, and
+        # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
+        global_crops = torch.stack([s.crops[v] for v in range(self.num_global) for s in samples])
+        if num_views > self.num_global:
+            local_crops = torch.stack([s.crops[v] for v in range(self.num_global, num_views) for s in samples])
+        else:
+            local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
+        masks = generate_masks(
+            self.mask_cfg,
+            self.grid,
+            seed=self.seed,
+            epoch=key.epoch,
+            batch=key.batch,
+            rank=self.rank,
+            indices=[s.key.index for s in samples],
+            num_views=self.num_global,
+        )
+        mask_indices, mask_weights = masked_token_indices(masks)
+        return Batch(
+            global_crops=global_crops,
+            local_crops=local_crops,
+            masks=masks,
+            mask_indices=mask_indices,
+            mask_weights=mask_weights,
+            labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+            indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+            num_skipped=sum(s.num_skipped for s in samples),
+        )
+
+
+def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
+    """The image source named by `data.path`: the built-in demo shapes or an image folder."""
+    if data_cfg.path == BUILTIN_SHAPES:
+        from engine.data.synthetic import ShapesDataset  # the demo dataset is only imported when used
+
+        return ShapesDataset(size=data_cfg.builtin_size, seed=0)
+    return ImageFolderDataset(data_cfg.path)
+
+
+class DataStream:
+    """Endless iterable of `Batch` for one rank, resumable at batch granularity.
+
+    Attributes:
+        dataset: the image source (with `.classes` when labelled).
+        num_samples: len(dataset).
+        steps_per_epoch: global batches per epoch (num_samples // (batch_size * world_size)).
+        epoch, batch: position of the next batch to be yielded (what `state_dict()` returns).
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        data_cfg: DataConfig,
+        mask_cfg: MaskConfig,
+        *,
+        batch_size: int,
+        patch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ) -> None:
+        if seed < 0:
+            raise ValueError(f"train.seed must be >= 0 for the data stream, got {seed}")
+        assert 0 <= rank < world_size
+        self.dataset = dataset
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        global_batch = batch_size * world_size
+        if self.num_samples < global_batch:
+            raise ValueError(
+                f"data.path {data_cfg.path!r} has {self.num_samples} images, fewer than one global batch of "
+                f"{global_batch} (train.batch_size {batch_size} x world size {world_size}); lower train.batch_size"
+            )
+        self.steps_per_epoch = self.num_samples // global_batch
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = data_cfg.num_workers
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.pin_memory = device.type == "cuda"
+        self.samples = MultiCropDataset(dataset, MultiCropTransform(data_cfg), seed)
+        grid = (data_cfg.global_size // patch_size, data_cfg.global_size // patch_size)
+        self.collate = MultiCropCollate(
+            mask_cfg, num_global=data_cfg.num_global, local_size=data_cfg.local_size, grid=grid, seed=seed, rank=rank
+        )
+        self.epoch = 0
+        self.batch = 0
+        self._batches: Iterator[Batch] | None = None
+        logger.info(
+            "data: %d images from %s, %d steps per epoch of %d x %d images, %d workers, %s masks",
+            self.num_samples,
+            data_cfg.path,
+            self.steps_per_epoch,
+            batch_size,
+            world_size,
+            self.num_workers,
+            mask_cfg.variant,
+        )
+
+    def _start(self) -> Iterator[Batch]:
+        sampler = EpochBatchSampler(
+            self.num_samples,
+            self.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            start_epoch=self.epoch,
+            start_batch=self.batch,
+        )
+        loader = torch.utils.data.DataLoader(
+            self.samples,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            # Creating an iterator draws a base seed from this generator; the default (the global RNG)
+            # would make the trainer's RNG stream depend on when the stream was (re)started.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            if self._batches is None:
+                self._batches = self._start()
+            batch = next(self._batches)
+            self.batch += 1
+            if self.batch == self.steps_per_epoch:
+                self.epoch, self.batch = self.epoch + 1, 0
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Position of the next batch to be yielded (prefetched batches do not count)."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`: the next batch is the one an uninterrupted run would yield there."""
+        if not 0 <= state["batch"] < self.steps_per_epoch:
+            raise ValueError(
+                f"data state batch {state['batch']} is outside the {self.steps_per_epoch} batches per epoch of "
+                "this dataset and batch size"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._batches = None  # the old iterator (and its workers and prefetched batches) is dropped
+
+
+def build_data_stream(
+    data_cfg: DataConfig,
+    mask_cfg: MaskConfig,
+    *,
+    batch_size: int,
+    patch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> DataStream:
+    """The training `DataStream` of `data.path` for one rank.
+
+    Args:
+        data_cfg: dataset, crop sizes and counts, workers.
+        mask_cfg: masking variant and its parameters.
+        batch_size: B, images per rank.
+        patch_size: ViT patch size; the mask grid is global_size // patch_size squared.
+        seed: run seed (train.seed); fixes the order, the views and the masks.
+        rank, world_size: this process's slice of each global batch.
+        device: where batches will go; pinned host memory when it is CUDA (default: CUDA if available).
+
+    Raises:
+        ValueError: the dataset is missing, empty or smaller than one global batch.
+    """
+    dataset = build_dataset(data_cfg)
+    return DataStream(
+        dataset,
+        data_cfg,
+        mask_cfg,
+        batch_size=batch_size,
+        patch_size=patch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+    )
