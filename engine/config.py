@@ -88,7 +88,7 @@ class DataConfig:
 class MaskConfig:
     variant: Literal["official", "dinov2"] = "official"
     """official: per global crop, masked with `probability`, ratio U(ratio_min, ratio_max), BEiT block generator.
-    dinov2: exactly round(probability * crops) crops of the batch masked, ratios stratified over the range."""
+    dinov2: exactly int(probability * crops) crops of the batch masked, ratios stratified over the range."""
     probability: float = 0.5
     ratio_min: float = 0.1
     ratio_max: float = 0.5
@@ -289,6 +289,7 @@ def _check(cfg: Config) -> None:
     if cfg.train.steps == 0:
         positive("train.epochs", cfg.train.epochs)
     positive("train.batch_size", cfg.train.batch_size)
+    positive("train.seed", cfg.train.seed, allow_zero=True)
     positive("train.log_every", cfg.train.log_every)
     positive("model.patch_size", cfg.model.patch_size)
     positive("model.out_dim", cfg.model.out_dim)

@@ -124,3 +124,16 @@ def test_checkpoint_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_pat
     assert [p.name for p in ckpt.checkpoints()] == ["step_00000001.pt"]
     state = load_checkpoint(ckpt.latest())
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("loss.centering=sinkhorn", "mask.variant=dinov2", "loss.patch_center=masked"),
+        ("optim.clip_mode=per_param", "optim.freeze_last_layer_epochs=1", "loss.teacher_temp_per_step=true",
+         "model.norm_last_layer=true", "model.layerscale=1e-5"),
+    ],
+)
+def test_training_options_run(tmp_path, options):
+    last = train(_cfg(tmp_path, "train.steps=3", *options))
+    assert last["step"] == 3 and torch.isfinite(torch.tensor(last["loss"]))

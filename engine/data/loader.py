@@ -212,6 +212,8 @@ class MultiCropCollate:
 
 def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
     """The image source named by `data.path`: the built-in demo shapes or an image folder."""
+    if not data_cfg.path.strip():
+        raise ValueError("data.path is empty: set data.path=/path/to/images (an image folder) or builtin:shapes")
     if data_cfg.path == BUILTIN_SHAPES:
         from engine.data.synthetic import ShapesDataset  # the demo dataset is only imported when used
 
