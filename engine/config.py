@@ -70,8 +70,9 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    path: str = "builtin:shapes"
-    """Image folder (class sub-folders or a flat folder of images), or `builtin:shapes` for the demo dataset."""
+    path: str = "builtin:patterns"
+    """Image folder (class sub-folders or a flat folder of images), or a generated labelled dataset for demos and
+    tests: `builtin:patterns` (the demo's) or `builtin:shapes`."""
     global_size: int = 224
     local_size: int = 96
     num_global: int = 2
@@ -81,7 +82,7 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader worker processes per rank (0 loads in the training process)."""
     builtin_size: int = 2000
-    """Number of images of the built-in demo dataset."""
+    """Number of training images of a built-in dataset (its val split has a quarter as many, at least 100)."""
 
 
 @dataclass(kw_only=True, slots=True)

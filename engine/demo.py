@@ -21,7 +21,7 @@ from engine.train import train
 def _knn_args(cfg_path: Path, checkpoint: str | None, out: Path) -> argparse.Namespace:
     return argparse.Namespace(
         checkpoint=checkpoint, random_init=checkpoint is None, config=str(cfg_path) if checkpoint is None else None,
-        overrides=[], train="builtin:shapes:train", val="builtin:shapes:val", k=20, temperature=0.07,
+        overrides=[], train=None, val=None, k=20, temperature=0.07,
         batch_size=128, out=str(out),
     )
 

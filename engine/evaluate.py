@@ -1,7 +1,7 @@
 """`ibot eval knn`: weighted k-NN (DINO protocol) on the teacher backbone's cls features of a checkpoint.
 
-Datasets are labelled image folders (class sub-folders) or the built-in `builtin:shapes:train` /
-`builtin:shapes:val` splits. Prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON result.
+Datasets are labelled image folders (class sub-folders) or the splits of a built-in dataset
+(`builtin:patterns:train`, `builtin:patterns:val`; the default when the model was trained on `builtin:NAME`). Prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON result.
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def build_eval_dataset(spec: str, cfg: Config) -> torch.utils.data.Dataset:
-    """`builtin:shapes:train|val` or a labelled image folder."""
-    if spec.startswith("builtin:shapes"):
-        from engine.data.synthetic import ShapesDataset
+    """`builtin:NAME:train|val` (size from data.builtin_size; val a quarter of it) or a labelled image folder."""
+    if spec.startswith("builtin:"):
+        from engine.data.synthetic import builtin_dataset
 
-        split = spec.split(":")[2] if spec.count(":") >= 2 else "train"
-        if split not in ("train", "val"):
-            raise ValueError(f"unknown built-in split in {spec!r}; use builtin:shapes:train or builtin:shapes:val")
-        size = cfg.data.builtin_size if split == "train" else max(cfg.data.builtin_size // 4, 100)
-        return ShapesDataset(size=size, seed=0, split=split)
+        val = spec.endswith(":val")
+        return builtin_dataset(spec, max(cfg.data.builtin_size // 4, 100) if val else cfg.data.builtin_size)
     dataset = ImageFolderDataset(spec)
     if not dataset.classes:
         raise ValueError(f"k-NN needs labels: {spec!r} has no class sub-folders")
@@ -86,7 +83,14 @@ def knn_main(args: argparse.Namespace) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
         cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(ckpt["config"])
         state, where = ckpt["model"], path.parent
-    result = knn_eval(teacher_backbone(cfg, state, device), cfg, args.train, args.val, k=args.k,
+    train_spec, val_spec = args.train, args.val
+    if train_spec is None or val_spec is None:
+        if not cfg.data.path.startswith("builtin:"):
+            raise ValueError("--train and --val are required (labelled image folders) for a model not trained on "
+                             "a built-in dataset")
+        name = ":".join(cfg.data.path.split(":")[:2])
+        train_spec, val_spec = train_spec or f"{name}:train", val_spec or f"{name}:val"
+    result = knn_eval(teacher_backbone(cfg, state, device), cfg, train_spec, val_spec, k=args.k,
                       temperature=args.temperature, batch_size=args.batch_size, device=device)
     result["checkpoint"] = None if state is None else str(args.checkpoint)
     out = Path(args.out) if args.out else where / ("knn_random_init.json" if state is None else "knn.json")

@@ -40,7 +40,6 @@ from engine.data.transforms import MultiCropTransform
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_SHAPES = "builtin:shapes"
 # Domain tags of the seeded streams (masking.py has its own): keys with equal numbers in different roles,
 # e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
 _TAG_PERMUTATION = 0x5045  # "PE"
@@ -214,10 +213,10 @@ def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
     """The image source named by `data.path`: the built-in demo shapes or an image folder."""
     if not data_cfg.path.strip():
         raise ValueError("data.path is empty: set data.path=/path/to/images (an image folder) or builtin:shapes")
-    if data_cfg.path == BUILTIN_SHAPES:
-        from engine.data.synthetic import ShapesDataset  # the demo dataset is only imported when used
+    if data_cfg.path.startswith("builtin:"):
+        from engine.data.synthetic import builtin_dataset  # the demo datasets are only imported when used
 
-        return ShapesDataset(size=data_cfg.builtin_size, seed=0)
+        return builtin_dataset(data_cfg.path, data_cfg.builtin_size, "train")
     return ImageFolderDataset(data_cfg.path)
 
 

@@ -1,14 +1,14 @@
-"""Built-in labelled dataset for the demo: shapes whose class is their geometry, on nuisance backgrounds.
+"""Built-in labelled dataset for the demo: shapes whose class is their geometry, in random palette colours.
 
 Nothing is downloaded or stored: image `i` of a split is rendered on the fly from a generator seeded with
 `(seed, split, i)`, so every process and every run sees the same pixels.
 
 The class is the shape (circle, ring, square, frame, triangle, star, cross, crescent, striped disc, checkered
-square). Everything else is random per image: foreground and background colours, position, size, rotation,
-a smooth background texture and pixel noise. These nuisances are what a random-init ViT's features mostly
-encode (mean colour dominates the cls token), while iBOT's augmentations (colour jitter, grayscale, crops,
-flips, blur, solarize) push a pretrained network to ignore them, so k-NN accuracy on this data separates a
-random-init backbone from a pretrained one within minutes of CPU training.
+square). Everything else is random per image: foreground and background colours (a pair from a small palette
+with enough luma contrast to survive grayscale), position, size, rotation, a faint gradient and pixel noise.
+Colour dominates a random-init ViT's cls token, so k-NN of random features is near chance; the palette is small
+so that colour cannot identify an image either, and iBOT's view-invariance objective has to encode the shape:
+k-NN accuracy on this data separates a random-init backbone from a pretrained one within minutes of CPU training.
 """
 
 from __future__ import annotations
@@ -81,12 +81,25 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
     raise AssertionError(name)
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(0.0, 1.0, size=3)
+# A small palette, shared by all classes: colour says nothing about the class, and with few colours it cannot tell
+# two images apart either, so view-invariant self-supervision has to look at the shape. (With per-image random
+# colours or textures, matching the colours of two views solves the pretext task and no shape is learned.)
+PALETTE = np.array(
+    [
+        [0.90, 0.10, 0.10], [0.10, 0.60, 0.15], [0.15, 0.25, 0.85], [0.95, 0.85, 0.10],
+        [0.95, 0.95, 0.95], [0.08, 0.08, 0.08], [0.60, 0.15, 0.75], [0.10, 0.75, 0.80],
+    ],
+    dtype=np.float32,
+)
 
 
 def _luma(c: np.ndarray) -> float:
     return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
+
+
+# (foreground, background) palette pairs whose luma differs enough for the shape to survive grayscale.
+_PAIRS = [(f, b) for f in range(len(PALETTE)) for b in range(len(PALETTE))
+          if f != b and abs(_luma(PALETTE[f]) - _luma(PALETTE[b])) > 0.15]
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -128,15 +141,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self._render(label, rng), label
 
     def _render(self, label: int, rng: np.random.Generator) -> Image.Image:
-        background = self._background(rng)
-
-        # Foreground colour with a minimum luma contrast, so the shape survives grayscale augmentation.
-        bg_mean = background[::4, ::4].reshape(-1, 3).mean(0)
-        fg = _random_colour(rng)
-        for _ in range(10):
-            if abs(_luma(fg) - _luma(bg_mean)) > 0.25:
-                break
-            fg = _random_colour(rng)
+        fg_index, bg_index = _PAIRS[rng.integers(len(_PAIRS))]
+        fg = PALETTE[fg_index]
+        background = self._background(PALETTE[bg_index], rng)
 
         # Inverse similarity transform: image coordinates -> canonical shape coordinates.
         radius = rng.uniform(0.45, 0.8)  # in units of half the image side
@@ -152,18 +159,94 @@ class ShapesDataset(torch.utils.data.Dataset):
         alpha = np.asarray(alpha, np.float32)[..., None] * np.float32(1 / 255)
 
         image = background + (fg.astype(np.float32) - background) * alpha
-        image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(rng.uniform(0.0, 0.06))
+        image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(rng.uniform(0.0, 0.04))
         return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
-    def _background(self, rng: np.random.Generator) -> np.ndarray:
-        """[s, s, 3] in [0, 1]: a random colour, a linear gradient and smooth low-frequency blotches."""
+    def _background(self, base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[s, s, 3] in [0, 1]: a palette colour with a faint random linear gradient."""
         s = self.image_size
-        base = _random_colour(rng)
-        # Blotches: a coarse random grid upsampled bicubically by PIL (about 20 us at 64 px).
-        grid = rng.integers(0, 256, size=(rng.integers(2, 6), rng.integers(2, 6), 3), dtype=np.uint8)
-        blotches = np.asarray(Image.fromarray(grid, "RGB").resize((s, s), Image.BICUBIC), np.float32) / 255 - 0.5
         axis = np.linspace(-1, 1, s, dtype=np.float32)
-        gx, gy = rng.uniform(-0.2, 0.2, size=2)
+        gx, gy = rng.uniform(-0.08, 0.08, size=2)
         gradient = (axis[None, :] * gx + axis[:, None] * gy)[..., None]
-        background = base.astype(np.float32) + np.float32(rng.uniform(0.1, 0.4)) * blotches + gradient
-        return np.clip(background, 0, 1)
+        return np.clip(base[None, None, :] + gradient, 0, 1)
+
+
+PATTERN_CLASSES = ["hstripes", "vstripes", "checker", "dots", "rings", "plaid", "crosshatch", "flat"]
+
+
+class PatternsDataset(torch.utils.data.Dataset):
+    """Synthetic pattern classification: label = the pattern's structure, colours from the shared palette.
+
+    Every class is unchanged by a horizontal flip and by rescaling within the crop scales, so the label survives
+    iBOT's augmentations; the period (7-14 px at 64 px), phase and colours are random per image. Structure at this
+    scale is what a ViT-tiny learns within minutes on a CPU (shapes need far longer), while colour still dominates
+    random-init features, so the k-NN gain from pretraining shows in the demo.
+
+    Args and `__getitem__` as `ShapesDataset`.
+    """
+
+    classes: list[str] = PATTERN_CLASSES
+
+    def __init__(self, size: int = 2000, seed: int = 0, image_size: int = 64, split: str = "train") -> None:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+        if size < 1 or image_size < 8:
+            raise ValueError(f"need size >= 1 and image_size >= 8, got {size} and {image_size}")
+        self.size, self.seed, self.image_size, self.split = size, seed, image_size, split
+        axis = np.arange(image_size, dtype=np.float32)
+        self._y, self._x = np.meshgrid(axis, axis, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        label = index % len(self.classes)
+        rng = np.random.default_rng((self.seed, _SPLITS[self.split], index, 1))
+        fg_index, bg_index = _PAIRS[rng.integers(len(_PAIRS))]
+        period = rng.uniform(7.0, 14.0) * self.image_size / 64
+        phase_x, phase_y = rng.uniform(0.0, period, size=2)
+        x, y = (self._x + phase_x) / period, (self._y + phase_y) / period
+        name = self.classes[label]
+        if name == "hstripes":
+            mask = y % 1 < 0.5
+        elif name == "vstripes":
+            mask = x % 1 < 0.5
+        elif name == "checker":
+            mask = (x % 1 < 0.5) ^ (y % 1 < 0.5)
+        elif name == "dots":
+            mask = (x % 1 - 0.5) ** 2 + (y % 1 - 0.5) ** 2 < 0.09
+        elif name == "rings":
+            cx, cy = rng.uniform(0, self.image_size, size=2)
+            mask = np.hypot(self._x - cx, self._y - cy) / period % 1 < 0.5
+        elif name == "plaid":
+            mask = (x % 1 < 0.25) | (y % 1 < 0.25)
+        elif name == "crosshatch":
+            mask = ((x + y) % 1 < 0.25) | ((x - y) % 1 < 0.25)
+        else:  # flat
+            mask = np.zeros_like(x, dtype=bool)
+        # Colour: a smooth random field over the image (a 3 x 3 grid of random colours, upsampled), drawn dark on
+        # the pattern and light elsewhere. Two crops of one image see different colours, so colour cannot solve
+        # the view-matching task: the pretext task needs the structure.
+        grid = rng.integers(0, 256, size=(3, 3, 3), dtype=np.uint8)
+        size = (self.image_size, self.image_size)
+        field = np.asarray(Image.fromarray(grid, "RGB").resize(size, Image.BICUBIC), np.float32) / 255
+        image = np.where(mask[..., None], 0.3 * field, 0.4 + 0.6 * field)
+        image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(0.04)
+        return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB"), label
+
+
+BUILTIN_DATASETS = {"shapes": ShapesDataset, "patterns": PatternsDataset}
+
+
+def builtin_dataset(spec: str, size: int, split: str = "train") -> torch.utils.data.Dataset:
+    """`builtin:NAME` or `builtin:NAME:SPLIT` (NAME in shapes, patterns; SPLIT in train, val)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != "builtin" or parts[1] not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown built-in dataset {spec!r}; use builtin:NAME[:train|val] with NAME in "
+                         f"{sorted(BUILTIN_DATASETS)}")
+    split = parts[2] if len(parts) == 3 else split
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split in {spec!r}; use train or val")
+    return BUILTIN_DATASETS[parts[1]](size=size, seed=0, split=split)
