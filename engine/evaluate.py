@@ -1,7 +1,8 @@
 """`ibot eval knn`: weighted k-NN (DINO protocol) on the teacher backbone's cls features of a checkpoint.
 
 Datasets are labelled image folders (class sub-folders) or the splits of a built-in dataset
-(`builtin:patterns:train`, `builtin:patterns:val`; the default when the model was trained on `builtin:NAME`). Prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON result.
+(`builtin:patterns:train`, `builtin:patterns:val`; the default when the model was trained on `builtin:NAME`).
+Prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON result.
 """
 
 from __future__ import annotations

@@ -175,12 +175,13 @@ PATTERN_CLASSES = ["hstripes", "vstripes", "checker", "dots", "rings", "plaid", 
 
 
 class PatternsDataset(torch.utils.data.Dataset):
-    """Synthetic pattern classification: label = the pattern's structure, colours from the shared palette.
+    """Synthetic pattern classification (the demo's data): label = the pattern's structure.
 
-    Every class is unchanged by a horizontal flip and by rescaling within the crop scales, so the label survives
-    iBOT's augmentations; the period (7-14 px at 64 px), phase and colours are random per image. Structure at this
-    scale is what a ViT-tiny learns within minutes on a CPU (shapes need far longer), while colour still dominates
-    random-init features, so the k-NN gain from pretraining shows in the demo.
+    Classes: horizontal / vertical stripes, checker, dots, rings, plaid, crosshatch, flat. Every class is unchanged
+    by a horizontal flip and by rescaling within the crop scales, so the label survives iBOT's augmentations; the
+    period (7-14 px at 64 px), phase and a smooth random colour field are random per image. Because the colour
+    differs between two crops of one image, matching colours cannot solve iBOT's view-matching task, and the
+    structure, which a ViT-tiny picks up within minutes on a CPU (shapes need far longer), has to be learned.
 
     Args and `__getitem__` as `ShapesDataset`.
     """
@@ -204,7 +205,6 @@ class PatternsDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         label = index % len(self.classes)
         rng = np.random.default_rng((self.seed, _SPLITS[self.split], index, 1))
-        fg_index, bg_index = _PAIRS[rng.integers(len(_PAIRS))]
         period = rng.uniform(7.0, 14.0) * self.image_size / 64
         phase_x, phase_y = rng.uniform(0.0, period, size=2)
         x, y = (self._x + phase_x) / period, (self._y + phase_y) / period
