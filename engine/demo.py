@@ -1,4 +1,4 @@
-"""`ibot demo`: pretrain a ViT-tiny on the built-in shapes dataset and show that it learned something.
+"""`ibot demo`: pretrain a ViT-tiny on the built-in patterns dataset and show that it learned something.
 
 k-NN of the teacher's features before (random init) and after pretraining, the training throughput, and a
 loss-curve PNG in the run directory. Runs on CPU (a few minutes on 2 cores) or on a GPU.
