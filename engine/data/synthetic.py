@@ -102,11 +102,11 @@ _PAIRS = [(f, b) for f in range(len(PALETTE)) for b in range(len(PALETTE))
           if f != b and abs(_luma(PALETTE[f]) - _luma(PALETTE[b])) > 0.15]
 
 
-class ShapesDataset(torch.utils.data.Dataset):
-    """Synthetic shape classification: `size` images of `image_size` pixels, label = shape class.
+class _GeneratedDataset(torch.utils.data.Dataset):
+    """`size` images of `image_size` pixels rendered on the fly; label = index % number of classes (balanced).
 
     Args:
-        size: number of images; labels cycle through the classes, so they are balanced.
+        size: number of images.
         seed: base seed; with `split` and the index it fixes every pixel of an image.
         image_size: side of the square RGB images in pixels.
         split: "train" or "val"; the two draw from disjoint random streams.
@@ -114,21 +114,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     `__getitem__(i)` returns `(PIL.Image RGB, int label)`.
     """
 
-    classes: list[str] = CLASSES
+    classes: list[str]
+    _stream: tuple[int, ...] = ()  # appended to the seed key so that two datasets never share a random stream
 
     def __init__(self, size: int = 2000, seed: int = 0, image_size: int = 64, split: str = "train") -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         if size < 1 or image_size < 8:
             raise ValueError(f"need size >= 1 and image_size >= 8, got {size} and {image_size}")
-        self.size = size
-        self.seed = seed
-        self.image_size = image_size
-        self.split = split
-        n = image_size * _SUPERSAMPLE
-        # Pixel centres in [-1, 1], shared by every image (the per-image affine is applied to these).
-        axis = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
-        self._y, self._x = np.meshgrid(axis, axis, indexing="ij")
+        self.size, self.seed, self.image_size, self.split = size, seed, image_size, split
 
     def __len__(self) -> int:
         return self.size
@@ -137,8 +131,24 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         label = index % len(self.classes)
-        rng = np.random.default_rng((self.seed, _SPLITS[self.split], index))
+        rng = np.random.default_rng((self.seed, _SPLITS[self.split], index, *self._stream))
         return self._render(label, rng), label
+
+    def _render(self, label: int, rng: np.random.Generator) -> Image.Image:
+        raise NotImplementedError
+
+
+class ShapesDataset(_GeneratedDataset):
+    """Synthetic shape classification: label = shape class (see the module docstring)."""
+
+    classes: list[str] = CLASSES
+
+    def __init__(self, size: int = 2000, seed: int = 0, image_size: int = 64, split: str = "train") -> None:
+        super().__init__(size, seed, image_size, split)
+        n = image_size * _SUPERSAMPLE
+        # Pixel centres in [-1, 1], shared by every image (the per-image affine is applied to these).
+        axis = (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1
+        self._y, self._x = np.meshgrid(axis, axis, indexing="ij")
 
     def _render(self, label: int, rng: np.random.Generator) -> Image.Image:
         fg_index, bg_index = _PAIRS[rng.integers(len(_PAIRS))]
@@ -174,7 +184,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 PATTERN_CLASSES = ["hstripes", "vstripes", "checker", "dots", "rings", "plaid", "crosshatch", "flat"]
 
 
-class PatternsDataset(torch.utils.data.Dataset):
+class PatternsDataset(_GeneratedDataset):
     """Synthetic pattern classification (the demo's data): label = the pattern's structure.
 
     Classes: horizontal / vertical stripes, checker, dots, rings, plaid, crosshatch, flat. Every class is unchanged
@@ -187,24 +197,14 @@ class PatternsDataset(torch.utils.data.Dataset):
     """
 
     classes: list[str] = PATTERN_CLASSES
+    _stream = (1,)
 
     def __init__(self, size: int = 2000, seed: int = 0, image_size: int = 64, split: str = "train") -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-        if size < 1 or image_size < 8:
-            raise ValueError(f"need size >= 1 and image_size >= 8, got {size} and {image_size}")
-        self.size, self.seed, self.image_size, self.split = size, seed, image_size, split
+        super().__init__(size, seed, image_size, split)
         axis = np.arange(image_size, dtype=np.float32)
         self._y, self._x = np.meshgrid(axis, axis, indexing="ij")
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        label = index % len(self.classes)
-        rng = np.random.default_rng((self.seed, _SPLITS[self.split], index, 1))
+    def _render(self, label: int, rng: np.random.Generator) -> Image.Image:
         period = rng.uniform(7.0, 14.0) * self.image_size / 64
         phase_x, phase_y = rng.uniform(0.0, period, size=2)
         x, y = (self._x + phase_x) / period, (self._y + phase_y) / period
@@ -234,7 +234,7 @@ class PatternsDataset(torch.utils.data.Dataset):
         field = np.asarray(Image.fromarray(grid, "RGB").resize(size, Image.BICUBIC), np.float32) / 255
         image = np.where(mask[..., None], 0.3 * field, 0.4 + 0.6 * field)
         image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(0.04)
-        return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB"), label
+        return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
 
 BUILTIN_DATASETS = {"shapes": ShapesDataset, "patterns": PatternsDataset}
