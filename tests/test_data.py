@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -341,17 +339,14 @@ def test_dataset_smaller_than_a_global_batch() -> None:
         _stream(7, batch_size=4, world_size=2)
 
 
-def test_build_dataset_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+def test_build_dataset_dispatch(tmp_path: Path) -> None:
+    from engine.data.synthetic import PatternsDataset, ShapesDataset
 
-    def shapes(size: int, seed: int) -> IndexImages:
-        calls.append((size, seed))
-        return IndexImages(size)
-
-    monkeypatch.setitem(sys.modules, "engine.data.synthetic", types.SimpleNamespace(ShapesDataset=shapes))
-    dataset = build_dataset(_data_cfg("builtin:shapes", builtin_size=37))
-    assert calls == [(37, 0)]
-    assert len(dataset) == 37
+    shapes = build_dataset(_data_cfg("builtin:shapes", builtin_size=37))
+    assert isinstance(shapes, ShapesDataset) and len(shapes) == 37 and shapes.split == "train"
+    assert isinstance(build_dataset(_data_cfg("builtin:patterns", builtin_size=16)), PatternsDataset)
+    with pytest.raises(ValueError, match=r"data\.path is empty"):
+        build_dataset(_data_cfg(""))
     _save(tmp_path / "x.png")
     assert isinstance(build_dataset(_data_cfg(str(tmp_path))), ImageFolderDataset)
     with pytest.raises(ValueError, match="missing"):
