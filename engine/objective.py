@@ -15,6 +15,7 @@ V = G + L. Tensors are view-major: all B images of view 0, then view 1, ...
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,8 +33,11 @@ class IBOTLoss(NamedTuple):
     patch: Tensor
 
 
+@functools.cache
 def _cross_view_pairs(num_global: int, num_views: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Row indices (teacher rows, student rows) of every pair (q, v), q < G, v != q, each over its B images."""
+    """Row indices (teacher rows, student rows) of every pair (q, v), q < G, v != q, each over its B images.
+
+    Cached per shape and device: built (and copied to the device) once, not in every training step."""
     pairs = [(q, v) for q in range(num_global) for v in range(num_views) if v != q]
     q_idx = torch.tensor([q for q, _ in pairs], device=device)
     v_idx = torch.tensor([v for _, v in pairs], device=device)
@@ -140,7 +144,7 @@ def update_centers_(
     K = cls_center.shape[0]
     stats = torch.cat(
         [
-            teacher_cls.float().sum(0),
+            teacher_cls.sum(0, dtype=torch.float32),
             patch_sum.float(),
             torch.tensor([teacher_cls.shape[0], patch_count], device=cls_center.device, dtype=torch.float32),
         ]

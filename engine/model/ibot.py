@@ -110,10 +110,10 @@ class IBOT(nn.Module):
     def teacher_forward(self, global_crops: Tensor, mask_indices: Tensor) -> TeacherOutput:
         if self.patch_center_rule == "all":
             cls, patches_all = self.teacher(global_crops, None)  # head on every patch token (official centre)
-            return TeacherOutput(cls, patches_all.index_select(0, mask_indices), patches_all.float().sum(0),
-                                 patches_all.shape[0])
+            patch_sum = patches_all.sum(0, dtype=torch.float32)  # no fp32 copy of the [G*B*N, K] logits
+            return TeacherOutput(cls, patches_all.index_select(0, mask_indices), patch_sum, patches_all.shape[0])
         cls, patches = self.teacher(global_crops, mask_indices)
-        return TeacherOutput(cls, patches, patches.float().sum(0), patches.shape[0])
+        return TeacherOutput(cls, patches, patches.sum(0, dtype=torch.float32), patches.shape[0])
 
     @torch.no_grad()
     def update_centers(self, teacher: TeacherOutput, all_reduce: AllReduce | None = None) -> None:
