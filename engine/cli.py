@@ -3,7 +3,10 @@
     ibot train --config launch/configs/vit_s16.yaml optim.lr=1e-3 data.path=/data/in1k/train
     ibot demo                      # ViT-tiny on the built-in dataset: k-NN before/after, throughput, loss curve
     ibot eval knn --checkpoint RUN_OR_FILE
-    ibot plot RUN_DIR              # loss curve PNG from metrics.jsonl
+    ibot eval linear --checkpoint RUN_OR_FILE
+    ibot export --checkpoint RUN_OR_FILE --format timm
+    ibot visualize --checkpoint RUN_OR_FILE --image FILE
+    ibot plot RUN_DIR              # loss (and k-NN) curve PNGs from metrics.jsonl
 """
 
 from __future__ import annotations
@@ -32,21 +35,49 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     ev = p.add_subparsers(dest="eval_command", required=True)
     k = ev.add_parser("knn", help="weighted k-NN on teacher cls features (DINO protocol)")
-    k.add_argument("--checkpoint", help="checkpoint file or run directory (omit with --random-init)")
-    k.add_argument("--random-init", action="store_true", help="evaluate the untrained model of --config")
-    k.add_argument("--config", help="config of the model (default: the checkpoint's own)")
-    k.add_argument("--train", help="labelled image folder, or builtin:NAME:train (default for built-in data)")
-    k.add_argument("--val", help="labelled image folder, or builtin:NAME:val (default for built-in data)")
+    _add_eval_args(k)
     k.add_argument("--k", type=int, default=20)
     k.add_argument("--temperature", type=float, default=0.07)
-    k.add_argument("--batch-size", type=int, default=128)
-    k.add_argument("--out", help="JSON result path (default: next to the checkpoint)")
-    k.add_argument("overrides", nargs="*")
+    lin = ev.add_parser("linear", help="linear probe on frozen teacher features (lr sweep on cached features)")
+    _add_eval_args(lin)
+    lin.add_argument("--epochs", type=int, default=10)
+    lin.add_argument("--lrs", type=float, nargs="+", help="learning-rate sweep (default 1e-3 ... 1.0)")
 
-    p = sub.add_parser("plot", help="draw the loss curve of a run to PNG")
+    p = sub.add_parser("export", help="write a checkpoint's backbone as safetensors (timm or our key names)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--format", choices=["timm", "safetensors"], default="timm")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--out", help="output .safetensors (default: next to the checkpoint)")
+
+    p = sub.add_parser("visualize", help="PNG of the last block's cls attention per head and of block masks")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--size", type=int, help="input side in pixels (default data.global_size)")
+    p.add_argument("--tile", type=int, default=224, help="side of each tile of the figure in pixels")
+    p.add_argument("--out", help="PNG path (default: next to the checkpoint)")
+
+    p = sub.add_parser("plot", help="draw the loss (and k-NN) curves of a run to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
     return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Inputs and outputs shared by `eval knn` and `eval linear`."""
+    p.add_argument("--checkpoint", help="checkpoint file or run directory (omit with --random-init)")
+    p.add_argument("--random-init", action="store_true", help="evaluate the untrained model of --config")
+    p.add_argument("--config", help="config of the model (default: the checkpoint's own)")
+    p.add_argument("--train", help="labelled image folder, or builtin:NAME:train (default for built-in data)")
+    p.add_argument("--val", help="labelled image folder, or builtin:NAME:val (default for built-in data)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", help="JSON result path (default: next to the checkpoint)")
+    p.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
+                   help="cls token, or cls token and mean patch token concatenated")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast of the forward (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="backbone to evaluate")
+    p.add_argument("overrides", nargs="*", help="config overrides (on the checkpoint's config or --config)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +92,24 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(load_config(args.config, args.overrides))
         elif args.command == "eval":
-            from engine.evaluate import knn_main
+            from engine.evaluate import knn_main, linear_main
 
-            knn_main(args)
+            (knn_main if args.eval_command == "knn" else linear_main)(args)
+        elif args.command == "export":
+            from engine.export import export_main
+
+            export_main(args)
+        elif args.command == "visualize":
+            from engine.visualize import visualize_main
+
+            visualize_main(args)
         elif args.command == "plot":
-            from engine.plot import plot_run
+            from engine.plot import plot_knn_run, plot_run
 
             print(plot_run(args.run_dir, args.out))
+            knn_png = plot_knn_run(args.run_dir)
+            if knn_png is not None:
+                print(knn_png)
     except ConfigError as err:
         print(f"ibot: config error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/ibot"
     """Run directory: resolved config, metrics.jsonl, checkpoints, plots."""
+    tensorboard: bool = False
+    """Also write the logged metrics as TensorBoard scalars to <run.dir>/tensorboard (needs the tensorboard
+    package: pip install 'ibot-engine[tensorboard]')."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,6 +157,22 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    knn_every: int = 0
+    """Weighted k-NN of the teacher on a held-out set every this many steps and at the last step (0: never);
+    logs knn_top1 / knn_top5 to metrics.jsonl."""
+    train: str = ""
+    """Labelled image folder for the k-NN memory; empty: builtin:NAME:train for built-in data."""
+    val: str = ""
+    """Labelled image folder to classify; empty: builtin:NAME:val for built-in data."""
+    k: int = 20
+    temperature: float = 0.07
+    features: Literal["cls", "cls+patch"] = "cls"
+    """cls: the cls token; cls+patch: cls token and mean patch token concatenated (then L2-normalised)."""
+    batch_size: int = 128
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -164,6 +183,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU. Loss and centring math are fp32 in every mode."""
 
@@ -330,6 +350,13 @@ def _check(cfg: Config) -> None:
         )
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep", cfg.checkpoint.keep)
+    positive("eval.knn_every", cfg.eval.knn_every, allow_zero=True)
+    positive("eval.k", cfg.eval.k)
+    positive("eval.temperature", cfg.eval.temperature)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    if cfg.eval.knn_every and not cfg.data.path.startswith("builtin:") and not (cfg.eval.train and cfg.eval.val):
+        raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled image folders) are needed for "
+                          f"eval.knn_every={cfg.eval.knn_every} when data.path is not a built-in dataset")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:

@@ -6,24 +6,24 @@ loss-curve PNG in the run directory. Runs on CPU (a few minutes on 2 cores) or o
 
 from __future__ import annotations
 
-import argparse
+import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 from engine.config import Config, save_config
-from engine.evaluate import knn_main
 from engine.plot import plot_run, read_metrics
 from engine.train import train
 
 
-def _knn_args(cfg_path: Path, checkpoint: str | None, out: Path) -> argparse.Namespace:
-    return argparse.Namespace(
-        checkpoint=checkpoint, random_init=checkpoint is None, config=str(cfg_path) if checkpoint is None else None,
-        overrides=[], train=None, val=None, k=20, temperature=0.07,
-        batch_size=128, out=str(out),
-    )
+def _eval_knn(argv: list[str], out: Path) -> dict:
+    """`ibot eval knn ARGV --out OUT` through the command line entry (in process); its JSON result."""
+    from engine.cli import main
+
+    if main(["eval", "knn", *argv, "--out", str(out)]) != 0:
+        raise RuntimeError(f"ibot eval knn {' '.join(argv)} failed")
+    return json.loads(out.read_text())
 
 
 def run_demo(cfg: Config) -> dict:
@@ -35,11 +35,11 @@ def run_demo(cfg: Config) -> dict:
     save_config(cfg, cfg_path)
     start = time.perf_counter()
     print("== k-NN of the randomly initialised teacher (before pretraining)")
-    before = knn_main(_knn_args(cfg_path, None, run_dir / "knn_before.json"))
+    before = _eval_knn(["--random-init", "--config", str(cfg_path)], run_dir / "knn_before.json")
     print(f"== pretraining {cfg.model.arch}/{cfg.model.patch_size} with iBOT")
     train(cfg)
     print("== k-NN of the pretrained teacher")
-    after = knn_main(_knn_args(cfg_path, str(run_dir), run_dir / "knn_after.json"))
+    after = _eval_knn(["--checkpoint", str(run_dir)], run_dir / "knn_after.json")
     png = plot_run(run_dir)
     rates = [r["img_per_s"] for r in read_metrics(run_dir)[1:]] or [0.0]
     print(

@@ -1,8 +1,11 @@
-"""`ibot eval knn`: weighted k-NN (DINO protocol) on the teacher backbone's cls features of a checkpoint.
+"""`ibot eval knn` / `ibot eval linear`: frozen teacher-backbone features of a checkpoint, classified.
 
 Datasets are labelled image folders (class sub-folders) or the splits of a built-in dataset
 (`builtin:patterns:train`, `builtin:patterns:val`; the default when the model was trained on `builtin:NAME`).
-Prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON result.
+Under torchrun every rank extracts the features of a strided share of the images (rank r: images r, r + W, ...);
+the shares are all-gathered back into dataset order, so the result equals a one-process run. The forward runs
+under bf16 autocast on GPU (`--precision auto`). Rank 0 prints `k-NN top-1: 87.3%  top-5: 98.1%` and writes a JSON
+result. `KnnEvaluator` is the same k-NN inside training (`eval.knn_every`).
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
-from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.config import Config, config_from_dict, load_config
+from engine.checkpoint import Checkpointer
+from engine.config import Config, load_config, parse_overrides
+from engine.config import _set as set_key
 from engine.data.folder import ImageFolderDataset
+from engine.distributed import DistEnv, init_distributed, teardown
 from engine.knn import extract_features, format_knn, weighted_knn
 from engine.model.ibot import IBOT
 from engine.train import autocast_dtype
@@ -34,7 +42,7 @@ def build_eval_dataset(spec: str, cfg: Config) -> torch.utils.data.Dataset:
         return builtin_dataset(spec, max(cfg.data.builtin_size // 4, 100) if val else cfg.data.builtin_size)
     dataset = ImageFolderDataset(spec)
     if not dataset.classes:
-        raise ValueError(f"k-NN needs labels: {spec!r} has no class sub-folders")
+        raise ValueError(f"evaluation needs labels: {spec!r} has no class sub-folders")
     return dataset
 
 
@@ -48,54 +56,161 @@ def resolve_checkpoint(path: str) -> Path:
     return found
 
 
-def teacher_backbone(cfg: Config, state: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
-    """The teacher backbone of a checkpoint's model state, or of a fresh model (seeded by train.seed)."""
+def teacher_backbone(cfg: Config, state: dict[str, Any] | None, device: torch.device,
+                     which: str = "teacher") -> torch.nn.Module:
+    """The teacher (or student) backbone of a checkpoint's model state, or of a fresh model (seeded by
+    train.seed)."""
     torch.manual_seed(cfg.train.seed)
     model = IBOT(cfg.model, cfg.loss)
     if state is not None:
         model.load_state_dict(state)
-    return model.teacher.backbone.to(device).eval()
+    return getattr(model, which).backbone.to(device).eval()
+
+
+def default_specs(cfg: Config, train_spec: str | None, val_spec: str | None) -> tuple[str, str]:
+    """The given datasets, or the train / val splits of the built-in dataset the model was trained on."""
+    if train_spec and val_spec:
+        return train_spec, val_spec
+    if not cfg.data.path.startswith("builtin:"):
+        raise ValueError("--train and --val (labelled image folders) are required for a model not trained on a "
+                         "built-in dataset")
+    name = ":".join(cfg.data.path.split(":")[:2])
+    return train_spec or f"{name}:train", val_spec or f"{name}:val"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_in_order(local: Tensor, total: int, device: torch.device) -> Tensor:
+    """Rows of rank r are items r, r + W, r + 2W, ... of `total`; returns all `total` rows in item order."""
+    rank, world = _world()
+    if world == 1:
+        return local
+    per_rank = math.ceil(total / world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    padded = padded.to(device)  # NCCL gathers device tensors; gloo CPU ones
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    # stack -> [per_rank, W, ...]: row j of rank r is item j * W + r; the padding lands past `total`.
+    return torch.stack(shards, dim=1).flatten(0, 1)[:total].cpu()
+
+
+def dataset_features(backbone: torch.nn.Module, dataset: torch.utils.data.Dataset, *, image_size: int,
+                     batch_size: int, device: torch.device, amp: torch.dtype | None, features: str = "cls",
+                     normalize: bool = True, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """`extract_features` of the whole dataset, split over the ranks of the process group (if any)."""
+    rank, world = _world()
+    total = len(dataset)  # type: ignore[arg-type]
+    if total < world:
+        raise ValueError(f"{total} images cannot be split over {world} ranks")
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, total, world))
+    feats, labels = extract_features(backbone, shard, image_size=image_size, batch_size=batch_size, device=device,
+                                     autocast_dtype=amp, features=features, normalize=normalize,
+                                     num_workers=num_workers)
+    return gather_in_order(feats, total, device), gather_in_order(labels, total, device)
 
 
 def knn_eval(backbone: torch.nn.Module, cfg: Config, train_spec: str, val_spec: str, *, k: int = 20,
-             temperature: float = 0.07, batch_size: int = 128, device: torch.device | None = None) -> dict[str, Any]:
+             temperature: float = 0.07, batch_size: int = 128, device: torch.device | None = None,
+             features: str = "cls", precision: str | None = None) -> dict[str, Any]:
+    """k-NN of `backbone` features: `train_spec` is the memory, `val_spec` is classified. `precision` defaults to
+    the config's."""
     device = device or next(backbone.parameters()).device
-    amp = autocast_dtype(cfg.precision, device)
+    amp = autocast_dtype(precision or cfg.precision, device)
     feats = {}
     for name, spec in (("train", train_spec), ("val", val_spec)):
-        feats[name] = extract_features(backbone, build_eval_dataset(spec, cfg), image_size=cfg.data.global_size,
-                                       batch_size=batch_size, device=device, autocast_dtype=amp)
+        feats[name] = dataset_features(backbone, build_eval_dataset(spec, cfg), image_size=cfg.data.global_size,
+                                       batch_size=batch_size, device=device, amp=amp, features=features)
     result = weighted_knn(*feats["train"], *feats["val"], k=k, temperature=temperature)
-    return {**result, "k": k, "temperature": temperature, "train": train_spec, "val": val_spec,
-            "num_train": len(feats["train"][1]), "num_val": len(feats["val"][1])}
+    return {**result, "k": k, "temperature": temperature, "features": features, "train": train_spec,
+            "val": val_spec, "num_train": len(feats["train"][1]), "num_val": len(feats["val"][1])}
 
 
-def knn_main(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class KnnEvaluator:
+    """k-NN of the teacher during training (`eval.knn_every`): datasets built once, at the start of the run, so a
+    bad `eval.train` / `eval.val` fails before the first step."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        train_spec, val_spec = default_specs(cfg, cfg.eval.train or None, cfg.eval.val or None)
+        self.datasets = {"train": build_eval_dataset(train_spec, cfg), "val": build_eval_dataset(val_spec, cfg)}
+
+    def __call__(self, backbone: torch.nn.Module, env: DistEnv) -> dict[str, float]:
+        """`{"knn_top1": %, "knn_top5": %}`; every rank takes part (collectives) and gets the result."""
+        c = self.cfg.eval
+        amp = autocast_dtype(self.cfg.precision, env.device)
+        # The DataLoader draws its base seed from the global RNG: keep training's RNG stream as it was.
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            train, val = (dataset_features(backbone, self.datasets[s], image_size=self.cfg.data.global_size,
+                                           batch_size=c.batch_size, device=env.device, amp=amp,
+                                           features=c.features)
+                          for s in ("train", "val"))
+            result = weighted_knn(*train, *val, k=c.k, temperature=c.temperature)
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
+
+def load_eval_model(args: argparse.Namespace, device: torch.device) -> tuple[Config, torch.nn.Module, Path, bool]:
+    """(config, backbone, directory for results, from a checkpoint?) from --checkpoint or --random-init."""
+    which = getattr(args, "which", "teacher")
     if args.random_init:
         if args.checkpoint:
             raise ValueError("give either --checkpoint or --random-init, not both")
         cfg = load_config(args.config, args.overrides)
-        state, where = None, Path(cfg.run.dir)
-    else:
-        if not args.checkpoint:
-            raise ValueError("--checkpoint is required (or --random-init with --config)")
-        path = resolve_checkpoint(args.checkpoint)
-        ckpt = load_checkpoint(path)
-        cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(ckpt["config"])
-        state, where = ckpt["model"], path.parent
-    train_spec, val_spec = args.train, args.val
-    if train_spec is None or val_spec is None:
-        if not cfg.data.path.startswith("builtin:"):
-            raise ValueError("--train and --val are required (labelled image folders) for a model not trained on "
-                             "a built-in dataset")
-        name = ":".join(cfg.data.path.split(":")[:2])
-        train_spec, val_spec = train_spec or f"{name}:train", val_spec or f"{name}:val"
-    result = knn_eval(teacher_backbone(cfg, state, device), cfg, train_spec, val_spec, k=args.k,
-                      temperature=args.temperature, batch_size=args.batch_size, device=device)
-    result["checkpoint"] = None if state is None else str(args.checkpoint)
-    out = Path(args.out) if args.out else where / ("knn_random_init.json" if state is None else "knn.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_knn(result))
-    return result
+        return cfg, teacher_backbone(cfg, None, device, which), Path(cfg.run.dir), False
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required (or --random-init with --config)")
+    from engine.export import read_checkpoint
+
+    state, cfg, path = read_checkpoint(args.checkpoint)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    elif args.overrides:  # on top of the checkpoint's own config
+        for key, value in parse_overrides(args.overrides):
+            set_key(cfg, key, value)
+    return cfg, teacher_backbone(cfg, state, device, which), path.parent, True
+
+
+def _eval_main(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
+    owns_group = not dist.is_initialized()
+    env = init_distributed()
+    try:
+        cfg, backbone, where, trained = load_eval_model(args, env.device)
+        train_spec, val_spec = default_specs(cfg, args.train, args.val)
+        precision = args.precision
+        if kind == "knn":
+            result = knn_eval(backbone, cfg, train_spec, val_spec, k=args.k, temperature=args.temperature,
+                              batch_size=args.batch_size, device=env.device, features=args.features,
+                              precision=precision)
+            line = format_knn(result)
+        else:
+            from engine.linear import format_linear, linear_eval
+
+            result = linear_eval(backbone, cfg, train_spec, val_spec, batch_size=args.batch_size, device=env.device,
+                                 features=args.features, precision=precision, epochs=args.epochs, lrs=args.lrs)
+            line = format_linear(result)
+        result["checkpoint"] = str(args.checkpoint) if trained else None
+        if not env.is_main:
+            return result
+        name = f"{kind}.json" if trained else f"{kind}_random_init.json"
+        out = Path(args.out) if args.out else where / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(line)
+        return result
+    finally:
+        if owns_group:
+            teardown()
+
+
+def knn_main(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`ibot eval knn`; returns the result (on every rank)."""
+    return _eval_main(args, "knn")
+
+
+def linear_main(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`ibot eval linear`; returns the result (on every rank)."""
+    return _eval_main(args, "linear")

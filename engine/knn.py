@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FEATURES = ("cls", "cls+patch")
 
 
 def eval_transform(image_size: int) -> v2.Compose:
@@ -58,6 +59,8 @@ def extract_features(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    features: str = "cls",
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Cls-token features of every image, L2-normalised.
 
@@ -71,10 +74,16 @@ def extract_features(
         device: where the backbone runs.
         num_workers: DataLoader workers for datasets.
         autocast_dtype: e.g. torch.bfloat16 to run the forward under autocast on GPU; features are fp32 anyway.
+        features: `cls` (the cls token, [N, D]) or `cls+patch` (cls token and mean patch token concatenated,
+            [N, 2D]).
+        normalize: L2-normalise each feature row (k-NN); the linear probe standardises raw features instead.
 
     Returns:
-        `(features [N, D] fp32 on the CPU, unit L2 norm, labels [N] int64 on the CPU)`, in data order.
+        `(features [N, D or 2D] fp32 on the CPU, unit L2 norm if normalize, labels [N] int64 on the CPU)`, in
+        data order.
     """
+    if features not in FEATURES:
+        raise ValueError(f"features={features!r}: use one of {list(FEATURES)}")
     if isinstance(data, torch.utils.data.Dataset):
         data = torch.utils.data.DataLoader(
             _Transformed(data, eval_transform(image_size)),
@@ -85,16 +94,19 @@ def extract_features(
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
-    features, labels = [], []
+    out, labels = [], []
     try:
         for images, batch_labels in data:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                cls_BD = backbone(images.to(device, non_blocking=True))[:, 0]
-            features.append(F.normalize(cls_BD.float(), dim=-1).cpu())
+                tokens_BTD = backbone(images.to(device, non_blocking=True))
+            feats_BD = tokens_BTD[:, 0].float()
+            if features == "cls+patch":
+                feats_BD = torch.cat([feats_BD, tokens_BTD[:, 1:].float().mean(1)], dim=-1)
+            out.append((F.normalize(feats_BD, dim=-1) if normalize else feats_BD).cpu())
             labels.append(torch.as_tensor(batch_labels, dtype=torch.long).cpu())
     finally:
         backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+    return torch.cat(out), torch.cat(labels)
 
 
 @torch.no_grad()

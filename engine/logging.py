@@ -51,12 +51,18 @@ def format_eta(seconds: float) -> str:
 class MetricLogger:
     """metrics.jsonl writer + terminal progress (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0,
+                 tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.total_steps = total_steps
         self._progress = None
         self._task = None
+        self._tensorboard = None
+        if enabled and tensorboard:
+            from engine.tensorboard import open_writer
+
+            self._tensorboard = open_writer(run_dir)
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -72,11 +78,17 @@ class MetricLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            from engine.tensorboard import write_record
+
+            write_record(self._tensorboard, record)
         line = (
             f"step {record['step']}/{self.total_steps}  loss {record['loss']:.4f} (cls {record['loss_cls']:.4f} "
             f"patch {record['loss_patch']:.4f})  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s  "
             f"mem {record['max_memory_gib']:.2f} GiB  eta {format_eta(eta_s)}"
         )
+        if "knn_top1" in record:
+            line += f"  k-NN top-1 {record['knn_top1']:.1f}% top-5 {record['knn_top5']:.1f}%"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], description=line.split("  lr")[0])
             self._progress.console.log(line)
@@ -84,5 +96,7 @@ class MetricLogger:
             logging.getLogger("engine.train").info(line)
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._progress is not None:
             self._progress.stop()

@@ -1,4 +1,4 @@
-"""Loss curves from `metrics.jsonl` to PNG, drawn with Pillow (no plotting dependency)."""
+"""Loss and k-NN curves from `metrics.jsonl` to PNG, drawn with Pillow (no plotting dependency)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 _SERIES = (("loss", (31, 119, 180)), ("loss_cls", (255, 127, 14)), ("loss_patch", (44, 160, 44)))
+KNN_SERIES = (("knn_top1", (214, 39, 40)), ("knn_top5", (148, 103, 189)))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -18,9 +19,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", size: tuple[int, int] = (800, 480)
-                ) -> Path:
-    """Line plot of loss, loss_cls and loss_patch against step."""
+def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", size: tuple[int, int] = (800, 480),
+                series: tuple[tuple[str, tuple[int, int, int]], ...] = _SERIES) -> Path:
+    """Line plot of the `series` keys (default loss, loss_cls and loss_patch) against step."""
+    records = [r for r in records if any(k in r for k, _ in series)]
     if not records:
         raise ValueError("no metrics to plot")
     W, H = size
@@ -29,7 +31,7 @@ def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", 
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     steps = [r["step"] for r in records]
-    values = [r[k] for r in records for k, _ in _SERIES if k in r]
+    values = [r[k] for r in records for k, _ in series if k in r]
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
     y0, y1 = min(values), max(values)
     pad = 0.05 * (y1 - y0 or 1.0)
@@ -51,10 +53,12 @@ def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", 
         draw.text((x - 10, H - bottom + 8), f"{step:.0f}", fill="black", font=font)
     draw.text((W // 2 - 20, H - 18), "step", fill="black", font=font)
     draw.text((left, 12), title, fill="black", font=font)
-    for n, (key, colour) in enumerate(_SERIES):
+    for n, (key, colour) in enumerate(series):
         points = [xy(r["step"], r[key]) for r in records if key in r]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
+        for x, y in points:  # markers: sparse series (k-NN every N steps) stay visible
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         draw.line([W - right - 150, top + 12 + 16 * n, W - right - 120, top + 12 + 16 * n], fill=colour, width=3)
         draw.text((W - right - 112, top + 6 + 16 * n), key, fill="black", font=font)
     out = Path(out)
@@ -64,3 +68,12 @@ def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return plot_curves(read_metrics(run_dir), out or Path(run_dir) / "loss.png", title=f"iBOT loss: {run_dir}")
+
+
+def plot_knn_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """k-NN top-1 / top-5 (percent) against step, to RUN_DIR/knn.png; None when the run logged no k-NN."""
+    records = [r for r in read_metrics(run_dir) if "knn_top1" in r]
+    if not records:
+        return None
+    return plot_curves(records, out or Path(run_dir) / "knn.png", title=f"k-NN accuracy (%): {run_dir}",
+                       series=KNN_SERIES)

@@ -200,7 +200,13 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         env.world_size, "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."), t.data.num_samples,
         t.data.steps_per_epoch, t.total_steps, peak_lr(cfg, env.world_size),
     )
-    metrics = MetricLogger(run_dir, t.total_steps, enabled=env.is_main, start_step=t.step)
+    metrics = MetricLogger(run_dir, t.total_steps, enabled=env.is_main, start_step=t.step,
+                           tensorboard=cfg.run.tensorboard)
+    knn_every = cfg.eval.knn_every
+    if knn_every:
+        from engine.evaluate import KnnEvaluator  # imports this module
+
+        knn_evaluator = KnnEvaluator(cfg)  # builds the held-out datasets now: a bad path fails before step 1
     ema_pairs = t.model.ema_pairs()
     params = [p for p in t.model.student.parameters() if p.requires_grad]
     nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
@@ -226,7 +232,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step += 1
             interval_steps += 1
-            if t.step % cfg.train.log_every == 0 or t.step == t.total_steps:
+            eval_now = bool(knn_every) and (t.step % knn_every == 0 or t.step == t.total_steps)
+            if t.step % cfg.train.log_every == 0 or t.step == t.total_steps or eval_now:
                 check_finite()
                 values = torch.stack([losses.total, losses.cls, losses.patch, grad_norm.float()]).tolist()  # sync
                 now = time.perf_counter()
@@ -238,6 +245,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                     "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
                     "data_skipped": int(getattr(batch, "num_skipped", 0)),
                 }
+                if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
+                    last.update(knn_evaluator(t.model.teacher.backbone, env))
                 per_step = (now - run_start) / max(t.step - run_start_step, 1)
                 metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
                 interval_start, interval_steps = time.perf_counter(), 0
