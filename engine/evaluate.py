@@ -86,7 +86,7 @@ def _world() -> tuple[int, int]:
 
 def gather_in_order(local: Tensor, total: int, device: torch.device) -> Tensor:
     """Rows of rank r are items r, r + W, r + 2W, ... of `total`; returns all `total` rows in item order."""
-    rank, world = _world()
+    world = _world()[1]
     if world == 1:
         return local
     per_rank = math.ceil(total / world)

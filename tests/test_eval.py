@@ -137,8 +137,9 @@ _SCRIPT = textwrap.dedent(
     assert main(["eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out", out_dir + "/knn.json"]) == 0
     env = init_distributed()
     cfg = load_config(None, overrides)
-    feats, labels = dataset_features(teacher_backbone(cfg, None, env.device), build_eval_dataset("builtin:shapes:train", cfg),
-                                     image_size=32, batch_size=16, device=env.device, amp=None)
+    dataset = build_eval_dataset("builtin:shapes:train", cfg)
+    feats, labels = dataset_features(teacher_backbone(cfg, None, env.device), dataset, image_size=32,
+                                     batch_size=16, device=env.device, amp=None)
     if env.rank == 0:
         torch.save({"feats": feats, "labels": labels}, out_dir + "/feats.pt")
     teardown()
@@ -206,5 +207,5 @@ def test_knn_every_logs_knn_and_leaves_training_unchanged(tmp_path):
 
 
 def test_knn_every_needs_held_out_folders_for_folder_data(tmp_path):
-    with pytest.raises(ConfigError, match="eval.train"):
+    with pytest.raises(ConfigError, match=r"eval\.train"):
         load_config(None, [f"data.path={tmp_path}", "eval.knn_every=10"])

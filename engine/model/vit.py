@@ -117,7 +117,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid[0] * self.base_grid[1], a.embed_dim))
         # Student only (pitfall 1): zero-initialised as in the official `masked_embed`.
         self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim)) if mask_token else None
-        rates = torch.linspace(0, drop_path, a.depth).tolist()  # linear stochastic-depth schedule over depth
+        # Linear stochastic-depth schedule over depth (on the CPU, so the model can be built on the meta device).
+        rates = torch.linspace(0, drop_path, a.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(a.embed_dim, a.num_heads, a.mlp_ratio, r, layerscale) for r in rates)
         self.norm = nn.LayerNorm(a.embed_dim, eps=1e-6)
         self._resample_cache: dict[tuple[int, int, torch.device], Tensor] = {}

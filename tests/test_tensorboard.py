@@ -1,0 +1,42 @@
+"""TensorBoard scalars next to metrics.jsonl (`run.tensorboard=true`), and the message when the package is absent."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+import engine.tensorboard as tb
+from engine.config import load_config
+from engine.train import train
+from tests.helpers import TINY_OVERRIDES, read_metrics
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=3", "run.tensorboard=true",
+                             "eval.knn_every=3", "data.builtin_size=40"]))
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    records = read_metrics(tmp_path)
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in records] == [1, 2, 3]
+    for event, record in zip(acc.Scalars("train/loss"), records):
+        assert event.value == pytest.approx(record["loss"], rel=1e-6)
+    assert [e.value for e in acc.Scalars("eval/knn_top1")] == pytest.approx([records[-1]["knn_top1"]])
+
+
+def test_missing_tensorboard_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
+    monkeypatch.setattr(tb, "_warned_missing", False)
+    with caplog.at_level(logging.WARNING, logger="engine.tensorboard"):
+        assert tb.open_writer(tmp_path) is None
+        assert tb.open_writer(tmp_path) is None
+        train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=1", "run.tensorboard=true"]))
+    warnings = [r for r in caplog.records if "tensorboard package is not installed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert len(read_metrics(tmp_path)) == 1 and not (tmp_path / "tensorboard").exists()
