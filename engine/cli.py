@@ -71,6 +71,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", help="labelled image folder, or builtin:NAME:train (default for built-in data)")
     p.add_argument("--val", help="labelled image folder, or builtin:NAME:val (default for built-in data)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding images")
     p.add_argument("--out", help="JSON result path (default: next to the checkpoint)")
     p.add_argument("--features", choices=["cls", "cls+patch"], default="cls",
                    help="cls token, or cls token and mean patch token concatenated")

@@ -170,6 +170,8 @@ class EvalConfig:
     features: Literal["cls", "cls+patch"] = "cls"
     """cls: the cls token; cls+patch: cls token and mean patch token concatenated (then L2-normalised)."""
     batch_size: int = 128
+    num_workers: int = 0
+    """DataLoader worker processes of the k-NN feature extraction (0: in the training process)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -354,6 +356,7 @@ def _check(cfg: Config) -> None:
     positive("eval.k", cfg.eval.k)
     positive("eval.temperature", cfg.eval.temperature)
     positive("eval.batch_size", cfg.eval.batch_size)
+    positive("eval.num_workers", cfg.eval.num_workers, allow_zero=True)
     if cfg.eval.knn_every and not cfg.data.path.startswith("builtin:") and not (cfg.eval.train and cfg.eval.val):
         raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled image folders) are needed for "
                           f"eval.knn_every={cfg.eval.knn_every} when data.path is not a built-in dataset")

@@ -116,7 +116,7 @@ def dataset_features(backbone: torch.nn.Module, dataset: torch.utils.data.Datase
 
 def knn_eval(backbone: torch.nn.Module, cfg: Config, train_spec: str, val_spec: str, *, k: int = 20,
              temperature: float = 0.07, batch_size: int = 128, device: torch.device | None = None,
-             features: str = "cls", precision: str | None = None) -> dict[str, Any]:
+             features: str = "cls", precision: str | None = None, num_workers: int = 0) -> dict[str, Any]:
     """k-NN of `backbone` features: `train_spec` is the memory, `val_spec` is classified. `precision` defaults to
     the config's."""
     device = device or next(backbone.parameters()).device
@@ -124,7 +124,8 @@ def knn_eval(backbone: torch.nn.Module, cfg: Config, train_spec: str, val_spec: 
     feats = {}
     for name, spec in (("train", train_spec), ("val", val_spec)):
         feats[name] = dataset_features(backbone, build_eval_dataset(spec, cfg), image_size=cfg.data.global_size,
-                                       batch_size=batch_size, device=device, amp=amp, features=features)
+                                       batch_size=batch_size, device=device, amp=amp, features=features,
+                                       num_workers=num_workers)
     result = weighted_knn(*feats["train"], *feats["val"], k=k, temperature=temperature)
     return {**result, "k": k, "temperature": temperature, "features": features, "train": train_spec,
             "val": val_spec, "num_train": len(feats["train"][1]), "num_val": len(feats["val"][1])}
@@ -147,7 +148,7 @@ class KnnEvaluator:
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             train, val = (dataset_features(backbone, self.datasets[s], image_size=self.cfg.data.global_size,
                                            batch_size=c.batch_size, device=env.device, amp=amp,
-                                           features=c.features)
+                                           features=c.features, num_workers=c.num_workers)
                           for s in ("train", "val"))
             result = weighted_knn(*train, *val, k=c.k, temperature=c.temperature)
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
@@ -184,13 +185,14 @@ def _eval_main(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
         if kind == "knn":
             result = knn_eval(backbone, cfg, train_spec, val_spec, k=args.k, temperature=args.temperature,
                               batch_size=args.batch_size, device=env.device, features=args.features,
-                              precision=precision)
+                              precision=precision, num_workers=args.num_workers)
             line = format_knn(result)
         else:
             from engine.linear import format_linear, linear_eval
 
             result = linear_eval(backbone, cfg, train_spec, val_spec, batch_size=args.batch_size, device=env.device,
-                                 features=args.features, precision=precision, epochs=args.epochs, lrs=args.lrs)
+                                 features=args.features, precision=precision, epochs=args.epochs, lrs=args.lrs,
+                                 num_workers=args.num_workers)
             line = format_linear(result)
         result["checkpoint"] = str(args.checkpoint) if trained else None
         if not env.is_main:

@@ -95,7 +95,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
 
 def linear_eval(backbone: torch.nn.Module, cfg: Any, train_spec: str, val_spec: str, *, batch_size: int = 128,
                 device: torch.device | None = None, features: str = "cls", precision: str | None = None,
-                epochs: int = 10, lrs: Sequence[float] | None = None) -> dict[str, Any]:
+                epochs: int = 10, lrs: Sequence[float] | None = None, num_workers: int = 0) -> dict[str, Any]:
     """Linear probe of `backbone` features: trained on `train_spec`, evaluated on `val_spec`."""
     from engine.evaluate import build_eval_dataset, dataset_features
     from engine.train import autocast_dtype
@@ -106,7 +106,7 @@ def linear_eval(backbone: torch.nn.Module, cfg: Any, train_spec: str, val_spec: 
     for name, spec in (("train", train_spec), ("val", val_spec)):
         feats[name] = dataset_features(backbone, build_eval_dataset(spec, cfg), image_size=cfg.data.global_size,
                                        batch_size=batch_size, device=device, amp=amp, features=features,
-                                       normalize=False)
+                                       normalize=False, num_workers=num_workers)
     (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
     result = linear_probe(train_x.to(device), train_y, val_x, val_y, lrs=lrs or DEFAULT_LRS, epochs=epochs,
                           seed=cfg.train.seed)

@@ -52,12 +52,14 @@ def _folders(root: Path) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
-@pytest.mark.parametrize("features", ["cls", "cls+patch"])
-def test_knn_on_image_folders_gets_the_accuracy_of_their_labels(tmp_path, capsys, features):
+@pytest.mark.parametrize(
+    ("features", "extra"), [("cls", []), ("cls+patch", ["--precision", "bf16", "--num-workers", "2"])]
+)
+def test_knn_on_image_folders_gets_the_accuracy_of_their_labels(tmp_path, capsys, features, extra):
     train_dir, val_dir = _folders(tmp_path)
     out = tmp_path / "knn.json"
     argv = ["eval", "knn", "--random-init", *TINY_OVERRIDES, f"run.dir={tmp_path}", "--train", str(train_dir),
-            "--val", str(val_dir), "--k", "5", "--batch-size", "7", "--features", features, "--out", str(out)]
+            "--val", str(val_dir), "--k", "5", "--batch-size", "7", "--features", features, "--out", str(out), *extra]
     assert main(argv) == 0
     assert KNN_LINE.search(capsys.readouterr().out).group(0) == "k-NN top-1: 75.0%  top-5: 100.0%"
     result = json.loads(out.read_text())
