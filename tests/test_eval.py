@@ -127,16 +127,14 @@ def test_eval_linear_command_on_image_folders(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed extraction: 2 gloo processes give the features and result of 1 process
 
-_SCRIPT = textwrap.dedent(
+_FEATURES_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from engine.cli import main
     from engine.config import load_config
     from engine.distributed import init_distributed, teardown
     from engine.evaluate import build_eval_dataset, dataset_features, teacher_backbone
 
     out_dir, *overrides = sys.argv[1:]
-    assert main(["eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out", out_dir + "/knn.json"]) == 0
     env = init_distributed()
     cfg = load_config(None, overrides)
     dataset = build_eval_dataset("builtin:shapes:train", cfg)
@@ -149,19 +147,23 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *args], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.distributed
 def test_two_process_extraction_equals_one_process(tmp_path, capsys):
     overrides = [*TINY_OVERRIDES, "data.builtin_size=97"]  # odd: rank 0 gets one image more than rank 1
-    script = tmp_path / "run.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(tmp_path), *overrides],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun("-m", "engine", "eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out",
+                     str(tmp_path / "knn.json"))
     assert len(KNN_LINE.findall(proc.stdout)) == 1  # rank 0 only
+    script = tmp_path / "features.py"
+    script.write_text(_FEATURES_SCRIPT)
+    _torchrun(str(script), str(tmp_path), *overrides)
 
     one = tmp_path / "one.json"
     assert main(["eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out", str(one)]) == 0
