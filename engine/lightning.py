@@ -65,6 +65,9 @@ class IBOTLightningModule(L.LightningModule):
     Logs per step: `loss`, `loss_cls`, `loss_patch` (means over all ranks), `grad_norm` (before clipping), and every
     `Trainer(log_every_n_steps)` steps the scheduled `lr`, `weight_decay`, `momentum`, `teacher_temp`,
     `patch_teacher_temp`. `training_step` returns the local loss, which Lightning backpropagates.
+
+    Building the module seeds torch's global RNG with `train.seed` before the model's init, as `ibot train` does,
+    so every rank starts from the same weights and the run repeats with the seed.
     """
 
     def __init__(self, cfg: Config | dict[str, Any]) -> None:

@@ -84,6 +84,9 @@ def test_lightning_non_finite_loss_stops_before_a_checkpoint(tmp_path, monkeypat
     with pytest.raises(NonFiniteLossError, match="non-finite loss at or before step 4"):
         fit_lightning(_cfg("train.steps=6"), enable_checkpointing=True, callbacks=[saver])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt"]
+    good = IBOTLightningModule.load_from_checkpoint(tmp_path / "epoch=0-step=2.ckpt", weights_only=True)
+    assert good.cfg == _cfg("train.steps=6")  # rebuilt from the checkpoint's own config
+    assert all(torch.isfinite(v).all() for v in good.model.state_dict().values())
 
 
 def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
