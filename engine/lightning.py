@@ -20,7 +20,9 @@ What comes from the config and what from the Trainer:
   Trainer there (`max_steps` may stop it earlier). Gradient clipping is the config's: `Trainer(gradient_clip_val=...)`
   is refused. Gradient accumulation is refused (centres and schedules are per optimizer step).
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
-  The objective and the centres are fp32 in every mode.
+  The objective and the centres are fp32 in every mode. Nor are `train.compile` (compile the blocks of
+  `module.model.student.backbone` / `.teacher.backbone` yourself: `block.compile()`) and `train.deterministic`
+  (`Trainer(deterministic=True)`) applied by the module.
 * No SyncBatchNorm: a ViT has no batch norm (LayerNorm normalises each token on its own), so `sync_batchnorm=True`
   changes nothing. The only cross-rank batch statistics of iBOT, the centres (or the Sinkhorn-Knopp sums), are
   all-reduced here explicitly.

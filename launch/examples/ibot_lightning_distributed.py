@@ -5,6 +5,7 @@
         data.path=/data/in1k/train                                      # Lightning starts one process per GPU
     torchrun --nproc-per-node 8 launch/examples/ibot_lightning_distributed.py --devices 8 ...   # also works
     python launch/examples/ibot_lightning_distributed.py --accelerator cpu --devices 2      # CPU, gloo
+    srun python launch/examples/ibot_lightning_distributed.py --devices 8 --nodes 4 ...     # SLURM, read by Lightning
 
 Distributed sampling is ours: each rank takes its slice of every global batch (`IBOTDataModule`, whose sampler is a
 `DistributedSampler`), so rank r sees the same images, views and masks as rank r of `torchrun -m engine train`.
