@@ -26,6 +26,7 @@ def _local(tensors: list[Tensor]) -> list[Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
+@torch.no_grad()
 def ema_update_(teacher: list[Tensor], student: list[Tensor], momentum: float) -> None:
     """teacher = momentum * teacher + (1 - momentum) * student, in place, fp32 arithmetic.
 
@@ -33,6 +34,9 @@ def ema_update_(teacher: list[Tensor], student: list[Tensor], momentum: float) -
         teacher: tensors updated in place (fp32, bf16 or fp16; plain tensors or DTensors).
         student: tensors of the same shapes, in the same order (a DTensor only where the teacher one is).
         momentum: weight of the old teacher value.
+
+    Runs under `torch.no_grad()` whatever the caller's mode: the teacher is a target, and an in-place update of a
+    leaf that requires grad would otherwise record autograd history into it (or fail).
     """
     teacher, student = _local(teacher), _local(student)
     if teacher and use_triton("ema_update_", _triton, *teacher, *student):

@@ -159,3 +159,14 @@ def test_public_op_on_dtensor_local_shards_triton(triton_device: str) -> None:
     if triton_device != "cpu":
         pytest.skip("the gloo mesh of this test holds CPU tensors")
     _check_dtensor_local_shards("triton")
+
+
+def test_public_op_keeps_teacher_parameters_leaves_with_grad_enabled() -> None:
+    """Called in grad mode on nn.Parameters (a user's own loop), the update records no autograd history."""
+    teacher = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 3))]
+    student = [torch.ones(5, requires_grad=True), torch.full((2, 3), 2.0, requires_grad=True)]
+    with torch.enable_grad():
+        kernels.ema_update_(teacher, student, 0.9)
+    assert all(t.is_leaf and t.grad_fn is None for t in teacher)
+    torch.testing.assert_close(teacher[0].detach(), torch.full((5,), 0.1))
+    torch.testing.assert_close(teacher[1].detach(), torch.full((2, 3), 0.2))

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Fill the git-ignored gpu_carry/ with what benchmarks/gpu_check.sh needs on the device machine that its image
+# lacks (torch 2.11 + CUDA 13, triton 3.6, timm, torchvision, Python 3.12 are there; pytest and our pure-Python
+# dependencies are not). Wheels only, for CPython 3.12 on x86_64 Linux; nothing travels from ../shared.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p gpu_carry/wheels
+python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --implementation cp -d gpu_carry/wheels \
+    pytest pluggy iniconfig packaging pytest-timeout webdataset braceexpand pyyaml rich markdown-it-py mdurl \
+    pygments safetensors
+du -sh gpu_carry

@@ -1,0 +1,51 @@
+"""One iBOT forward pass and loss, as a public function for loops other than ours (Lightning, your own).
+
+`forward_losses` is the forward half of `engine.train.train_step`: teacher on the unmasked global crops, student on
+the masked global and the local crops, then the objective with the current centres (or Sinkhorn-Knopp targets).
+The caller runs backward and then, in this order: `model.update_centers(teacher, all_reduce_sum)` (EMA centres
+only), gradient clipping, the optimizer step, and the teacher EMA (`kernels.ema_update_`). Autocast, if any, is the
+caller's (the objective is fp32 inside whatever the logits' dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import Config
+from engine.data.loader import Batch
+from engine.distributed import all_reduce_sum
+from engine.model.ibot import IBOT, TeacherOutput
+from engine.objective import IBOTLoss, ibot_loss, sinkhorn_log_targets
+from engine.schedules import Hyperparams
+
+
+def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config,
+                   student: nn.Module | None = None) -> tuple[IBOTLoss, TeacherOutput]:
+    """The iBOT loss of `batch` (on the model's device) and the teacher outputs that update the centres.
+
+    Args:
+        model: student, teacher and centres.
+        batch: one rank's batch from the masking collate.
+        hp: this step's hyperparameters (`engine.schedules.hyperparams_at`); only the teacher temperatures are read.
+        cfg: the run config (`loss` and `data.num_global` are read).
+        student: the module to call for the student pass, e.g. a DDP wrapper of `model.student` (default: it).
+    """
+    student = model.student if student is None else student
+    teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)
+    student_cls, student_patch = student(batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
+    teacher_cls, teacher_patch = teacher.cls_logits, teacher.patch_logits
+    cls_center, patch_center = model.cls_center, model.patch_center
+    temp, patch_temp = hp.teacher_temp, hp.patch_teacher_temp
+    if cfg.loss.centering == "sinkhorn":
+        # Targets as log-probabilities: centre 0 and temperature 1 reproduce them exactly in the kernel.
+        teacher_cls = sinkhorn_log_targets(teacher_cls, temp, all_reduce=all_reduce_sum)
+        teacher_patch = sinkhorn_log_targets(teacher_patch, patch_temp, all_reduce=all_reduce_sum)
+        cls_center, patch_center = torch.zeros_like(cls_center), torch.zeros_like(patch_center)
+        temp = patch_temp = 1.0
+    losses = ibot_loss(
+        student_cls, teacher_cls, student_patch, teacher_patch, batch.masks, cls_center, patch_center,
+        temp, patch_temp, cfg.loss.student_temp, num_global=cfg.data.num_global,
+        lambda_cls=cfg.loss.lambda_cls, lambda_patch=cfg.loss.lambda_patch,
+    )
+    return losses, teacher
