@@ -126,7 +126,9 @@ def knn_eval(backbone: torch.nn.Module, cfg: Config, train_spec: str, val_spec: 
         feats[name] = dataset_features(backbone, build_eval_dataset(spec, cfg), image_size=cfg.data.global_size,
                                        batch_size=batch_size, device=device, amp=amp, features=features,
                                        num_workers=num_workers)
-    result = weighted_knn(*feats["train"], *feats["val"], k=k, temperature=temperature)
+    (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
+    # The similarity matmuls run where the model does (GPU for ImageNet-sized sets), chunked over val rows.
+    result = weighted_knn(train_x.to(device), train_y, val_x, val_y, k=k, temperature=temperature)
     return {**result, "k": k, "temperature": temperature, "features": features, "train": train_spec,
             "val": val_spec, "num_train": len(feats["train"][1]), "num_val": len(feats["val"][1])}
 
@@ -150,7 +152,7 @@ class KnnEvaluator:
                                            batch_size=c.batch_size, device=env.device, amp=amp,
                                            features=c.features, num_workers=c.num_workers)
                           for s in ("train", "val"))
-            result = weighted_knn(*train, *val, k=c.k, temperature=c.temperature)
+            result = weighted_knn(train[0].to(env.device), train[1], *val, k=c.k, temperature=c.temperature)
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
 
 
