@@ -407,20 +407,49 @@ class SkipCounter:
         return count
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes how a tar stream ended: a proper archive ends with a zero block (EOFHeaderError); a truncated one runs
+    out of data at or inside a header, which tarfile otherwise treats as a silent end."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.ibot_end = type(err).__name__  # type: ignore[attr-defined]
+            raise
+
+
+def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
+    """{"fname", "data"} of the regular files of a tar stream; raises `tarfile.ReadError` when it is truncated
+    (a member shorter than its header says, or no end-of-archive block)."""
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+        for info in tar:
+            if not info.isreg() or Path(info.name).name.startswith("__"):
+                continue
+            member = tar.extractfile(info)
+            data = member.read() if member is not None else b""
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"truncated: member {info.name} has {len(data)} of {info.size} bytes")
+            yield {"fname": info.name, "data": data}
+        if getattr(tar, "ibot_end", None) != "EOFHeaderError":
+            raise tarfile.ReadError("truncated: no end-of-archive block")
+
+
 def read_shard_files(urls: Iterator[str], skips: SkipCounter) -> Iterator[dict[str, Any]]:
     """Files of each shard, an empty dict after each shard (webdataset's end-of-shard marker).
 
-    Opening (`gopen`: local, http, `pipe:`) and reading failures skip the rest of that shard, counted; so does a
-    shard holding nothing."""
+    Shards are opened by webdataset's `gopen` (local files, http(s), `pipe:` commands). Opening and reading
+    failures (a truncated or corrupt tar, a failed command) skip the rest of that shard, counted; so does a shard
+    holding nothing."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import tar_file_iterator
 
     for url in urls:
         files = 0
         stream = None
         try:
             stream = gopen(url)
-            for f in tar_file_iterator(stream):
+            for f in tar_members(stream):
                 f["__url__"] = url
                 files += 1
                 yield f
@@ -518,6 +547,9 @@ class ShardSamples(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks its workers in turn from worker 0; a stream resumed after batch k continues with the
+        # slot that would have made batch k, so the order is the one of an uninterrupted run.
+        worker = (worker + self.start_batch) % num_workers
         s = self.s
         skips = SkipCounter()
         if s.mode == "exact":
@@ -637,6 +669,7 @@ class ShardStream:
         self.skipped_total = 0
         self._batches: Iterator[tuple[Any, int, int, int]] | None = None
         self._carried_skips = 0  # reported by workers after their last batch; added to the next batch
+        self.skipped_by_epoch: dict[int, int] = {}  # skips this rank's workers reported, by epoch
         logger.info(
             "data: %d shards (%s), %s mode, %d samples/epoch, %d steps per epoch of %d x %d, %d workers, "
             "augment on %s", len(shards.urls), shards.spec, self.mode, self.num_samples, self.steps_per_epoch,
@@ -749,11 +782,13 @@ class ShardStream:
             try:
                 while True:
                     batch, worker, cursor, skipped = next(self._batches)
+                    skipped += batch.num_skipped if batch is not None else 0
+                    self.skipped_by_epoch[self.epoch] = self.skipped_by_epoch.get(self.epoch, 0) + skipped
                     if batch is not None:
                         batch.num_skipped += self._carried_skips
                         self._carried_skips = 0
                         return batch, worker, cursor
-                    self._carried_skips += skipped
+                    self._carried_skips += skipped  # the worker's skips after its last batch
             except StopIteration:
                 if self.batch == 0:
                     raise RuntimeError(
