@@ -173,6 +173,17 @@ def test_jitter_order_is_honoured() -> None:
     assert not torch.allclose(first, second, atol=1e-3)
 
 
+def test_jitter_variants_agree() -> None:
+    """Once-per-sample indexing (host parameters) and whole-batch masking give the same images."""
+    n = 64
+    x = _images(n, size=8, seed=9)
+    params = torch.stack([G.draw_view_params(8, 8, _cfg(), seed=50 + i)[2] for i in range(n)])
+    indexed = G.color_jitter_indexed(x, params, params)
+    masked = G.color_jitter_masked(x, params)
+    torch.testing.assert_close(indexed, masked, atol=1e-6, rtol=0)
+    assert (params[:, G.P_JITTER] > 0.5).any() and not torch.equal(indexed, x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The whole GPU path on CPU tensors
 

@@ -192,20 +192,47 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1)).clamp(0, 1)
 
 
-def color_jitter(x: Tensor, params: Tensor) -> Tensor:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability, in each sample's own random order (no host sync)."""
+_JITTER_OPS = (
+    (P_BRIGHTNESS, lambda x, f: adjust_brightness(x, f)),
+    (P_CONTRAST, lambda x, f: adjust_contrast(x, f)),
+    (P_SATURATION, lambda x, f: adjust_saturation(x, f)),
+    (P_HUE, lambda x, f: adjust_hue(x, f)),
+)
+
+
+def color_jitter(x: Tensor, params: Tensor, host_params: Tensor | None = None) -> Tensor:
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability, each sample in its own random order.
+
+    With the parameters on the host (`host_params`, or `params` itself on CPU) each op runs once per sample
+    (`color_jitter_indexed`); otherwise every op runs on the whole batch at every position (`color_jitter_masked`).
+    """
+    host = host_params if host_params is not None else (params if params.device.type == "cpu" else None)
+    return color_jitter_masked(x, params) if host is None else color_jitter_indexed(x, params, host)
+
+
+def color_jitter_masked(x: Tensor, params: Tensor) -> Tensor:
+    """16 whole-batch op evaluations selected by torch.where: no host data needed, 4x the work."""
     apply = params[:, P_JITTER] > 0.5
     order = params[:, P_ORDER].long()
-    ops = (
-        lambda y: adjust_brightness(y, params[:, P_BRIGHTNESS]),
-        lambda y: adjust_contrast(y, params[:, P_CONTRAST]),
-        lambda y: adjust_saturation(y, params[:, P_SATURATION]),
-        lambda y: adjust_hue(y, params[:, P_HUE]),
-    )
     for position in range(4):
-        for op_id, op in enumerate(ops):
+        for op_id, (column, op) in enumerate(_JITTER_OPS):
             chosen = apply & (order[:, position] == op_id)
-            x = torch.where(_per_sample(chosen), op(x), x)
+            x = torch.where(_per_sample(chosen), op(x, params[:, column]), x)
+    return x
+
+
+def color_jitter_indexed(x: Tensor, params: Tensor, host: Tensor) -> Tensor:
+    """Each op on the samples that take it at each position (index_select / index_copy); the index lists are
+    built from the host copy `host` of `params`, so there is no device sync."""
+    apply = host[:, P_JITTER] > 0.5
+    order = host[:, P_ORDER].long()
+    for position in range(4):
+        for op_id, (column, op) in enumerate(_JITTER_OPS):
+            rows = torch.nonzero(apply & (order[:, position] == op_id)).flatten()  # host tensor
+            if rows.numel() == 0:
+                continue
+            rows = rows.to(x.device, non_blocking=True)
+            x = x.index_copy(0, rows, op(x.index_select(0, rows), params[:, column].index_select(0, rows)))
     return x
 
 
@@ -235,10 +262,12 @@ def solarize(x: Tensor, apply: Tensor, threshold: float = 128 / 255) -> Tensor:
     return torch.where(_per_sample(apply) & (x >= threshold), 1 - x, x)
 
 
-def augment_crops(x: Tensor, params: Tensor) -> Tensor:
-    """Flip, colour jitter, grayscale, blur, solarize and normalise crops [N, 3, H, W] in [0, 1]."""
+def augment_crops(x: Tensor, params: Tensor, host_params: Tensor | None = None) -> Tensor:
+    """Flip, colour jitter, grayscale, blur, solarize and normalise crops [N, 3, H, W] in [0, 1].
+
+    `params` [N, NUM_PARAMS] on x's device; `host_params` the same on the CPU when available (see color_jitter)."""
     x = torch.where(_per_sample(params[:, P_FLIP] > 0.5), x.flip(-1), x)
-    x = color_jitter(x, params)
+    x = color_jitter(x, params, host_params)
     x = torch.where(_per_sample(params[:, P_GRAY] > 0.5), grayscale(x).expand_as(x), x)
     x = gaussian_blur(x, params[:, P_SIGMA], params[:, P_BLUR] > 0.5)
     x = solarize(x, params[:, P_SOLARIZE] > 0.5)
@@ -283,15 +312,18 @@ class GpuMultiCrop:
             canvas[i, :, :h, w] = im[:, :, -1]
             canvas[i, :, h, : w + 1] = canvas[i, :, h - 1, : w + 1]
         canvas /= 255.0
-        params = params.to(device)
+        host = params if params.device.type == "cpu" else None
+        params = params.to(device, non_blocking=True)
         g = self.num_global
         global_params = params[:g]
         global_crops = resized_crops(canvas, global_params, self.global_size).clamp_(0, 1)
-        global_crops = augment_crops(global_crops, global_params.reshape(g * b, NUM_PARAMS))
+        global_crops = augment_crops(global_crops, global_params.reshape(g * b, NUM_PARAMS),
+                                     host[:g].reshape(g * b, NUM_PARAMS) if host is not None else None)
         if self.num_local:
             local_params = params[g:]
             local_crops = resized_crops(canvas, local_params, self.local_size).clamp_(0, 1)
-            local_crops = augment_crops(local_crops, local_params.reshape(self.num_local * b, NUM_PARAMS))
+            local_crops = augment_crops(local_crops, local_params.reshape(self.num_local * b, NUM_PARAMS),
+                                        host[g:].reshape(self.num_local * b, NUM_PARAMS) if host is not None else None)
         else:
             local_crops = canvas.new_empty((0, 3, self.local_size, self.local_size))
         return global_crops, local_crops
