@@ -321,6 +321,9 @@ def _check(cfg: Config) -> None:
     positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
     positive("data.shuffle_buffer", cfg.data.shuffle_buffer, allow_zero=True)
     positive("data.epoch_samples", cfg.data.epoch_samples, allow_zero=True)
+    if cfg.data.augment == "gpu" and not cfg.data.shards.strip():
+        raise ConfigError("config key 'data.augment' = gpu needs WebDataset shards (data.shards); image folders and "
+                          "built-in data use data.augment=cpu")
     for key, (lo, hi) in (("data.global_scale", cfg.data.global_scale), ("data.local_scale", cfg.data.local_scale)):
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1, got {(lo, hi)}")

@@ -224,3 +224,22 @@ def test_decode_batch_replaces_and_reports_undecodable_images() -> None:
     images, failed = G.decode_batch([good[0], broken, good[2]], torch.device("cpu"))
     assert failed == [1] and len(images) == 3
     assert torch.equal(images[1], images[0])  # the slot reuses the previous good image
+
+
+@pytest.mark.gpu
+def test_cuda_ops_match_cpu_ops() -> None:
+    """The same images and parameters give the same crops on CUDA as on the CPU (GPU sessions: pytest -m gpu)."""
+    cfg = _cfg(num_global=2, num_local=4)
+    sizes = [(500, 375), (375, 500), (320, 240)]
+    encoded = [_jpeg(i, s) for i, s in enumerate(sizes)]
+    cpu_images, _ = G.decode_batch(encoded, torch.device("cpu"))
+    gpu_images, failed = G.decode_batch(encoded, torch.device("cuda"))
+    assert failed == [] and all(im.is_cuda for im in gpu_images)
+    for a, b in zip(cpu_images, gpu_images):  # nvJPEG and libjpeg-turbo may differ by a few levels
+        assert (a.int() - b.cpu().int()).abs().float().mean() < 2
+    params = torch.stack([G.draw_view_params(h, w, cfg, seed=i) for i, (w, h) in enumerate(sizes)], dim=1)
+    crop = G.GpuMultiCrop(cfg)
+    on_cpu = crop(cpu_images, params)
+    on_gpu = crop([im.cuda() for im in cpu_images], params)
+    for a, b in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=0)

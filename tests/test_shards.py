@@ -359,3 +359,37 @@ def test_ibot_train_from_shards(even_shards: Path, tmp_path: Path, augment: str)
     assert all(r["data_skipped"] == 0 and np.isfinite(r["loss"]) for r in records)
     state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert state["data"]["batch"] == 3 and state["data"]["mode"] == "exact" and state["data"]["samples"] == 12
+
+
+@pytest.mark.gpu
+def test_gpu_path_stream_on_cuda(even_shards: Path) -> None:
+    """augment=gpu on CUDA: batches arrive on the device, with the CPU path's shapes (GPU sessions)."""
+    cfg = _cfg(str(even_shards), augment="gpu", num_workers=2)
+    stream = build_shard_stream(cfg, MaskConfig(min_block_patches=2), batch_size=4, patch_size=8, seed=7,
+                                device=torch.device("cuda"))
+    batches = _epoch(stream)
+    assert len(batches) == 12
+    assert all(b.global_crops.is_cuda and b.masks.is_cuda for b in batches)
+    torch.cuda.synchronize()
+    assert sorted(int(i) for b in batches for i in b.indices.cpu()) == sorted(key_hash(f"{k:09d}") for k in range(48))
+
+
+def test_gpu_augment_needs_shards() -> None:
+    from engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.augment"):
+        load_config(None, ["data.augment=gpu"])
+    assert load_config(None, ["data.augment=gpu", "data.shards=/x"]).data.augment == "gpu"
+
+
+def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
+    """`python -m benchmarks.data` end to end at toy sizes: both paths, a report with machine, versions, command."""
+    from benchmarks.data import main as bench_main
+
+    out = bench_main(["--shards", str(even_shards), "--workers", "0,1", "--batches", "2", "--warmup", "1",
+                      "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--num-local", "2",
+                      "--patch-size", "8", "--device", "cpu", "--out", str(tmp_path / "report.md")])
+    text = out.read_text()
+    for needle in ("machine:", "torch ", "webdataset ", "command: python -m benchmarks.data", "48 JPEGs in 8 shards",
+                   "| cpu (PIL + transforms.v2) | 1 |", "| gpu (decode gpu, ops on cpu) | 0 |", "unmeasured"):
+        assert needle in text, needle
