@@ -74,7 +74,7 @@ def measure(shards: str, path: str, workers: int, args: argparse.Namespace, devi
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    stream._batches = None  # shut the workers down before the next configuration starts its own
+    stream.close()  # stop the workers before the next configuration starts its own
     rate = args.batches * args.batch_size / seconds
     return {"path": path, "workers": workers, "img_per_s": rate, "ms_per_batch": 1e3 * seconds / args.batches,
             "stall": max(0.0, 1.0 - rate / VIT_S16_TARGET)}
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [
         w for w in (0, 1, 2, 4, 8, 16) if w <= cores]
     rows = []
+    load_before = os.getloadavg()[0]
     for path in args.paths.split(","):
         for w in workers:
             result = measure(shards, path, w, args, device)
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> Path:
                                                               else ", no GPU")),
         ("versions", f"torch {torch.__version__}, torchvision {torchvision.__version__}, webdataset "
                      f"{webdataset.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}"),
+        ("load average (1 min)", f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after the runs "
+                                 "(other processes on the machine share its CPUs)"),
         ("git", git_sha()),
         ("command", " ".join(["python -m benchmarks.data", *(argv if argv is not None else sys.argv[1:])])),
         ("data", data_description(shards)),

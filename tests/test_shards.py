@@ -45,10 +45,23 @@ def _cfg(shards: str, **overrides: object) -> DataConfig:
     return DataConfig(**{**fields, **overrides})
 
 
+_OPEN: list[ShardStream] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_streams():
+    """Stop every stream's workers at the end of its test (forking new workers beside live ones is slow)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _stream(shards: str, *, batch_size: int = 3, rank: int = 0, world_size: int = 1, **overrides: object
             ) -> ShardStream:
-    return build_shard_stream(_cfg(shards, **overrides), MaskConfig(min_block_patches=2), batch_size=batch_size,
+    stream = build_shard_stream(_cfg(shards, **overrides), MaskConfig(min_block_patches=2), batch_size=batch_size,
                               patch_size=8, seed=7, rank=rank, world_size=world_size, device=CPU)
+    _OPEN.append(stream)
+    return stream
 
 
 def _epoch(stream: ShardStream) -> list[Batch]:
@@ -393,3 +406,24 @@ def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
     for needle in ("machine:", "torch ", "webdataset ", "command: python -m benchmarks.data", "48 JPEGs in 8 shards",
                    "| cpu (PIL + transforms.v2) | 1 |", "| gpu (decode gpu, ops on cpu) | 0 |", "unmeasured"):
         assert needle in text, needle
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_from_shards_checkpoints_every_cursor(even_shards: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x 2 workers train from shards; the checkpoint holds both ranks' worker positions."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"data.shards={even_shards}", "data.num_workers=2", "train.batch_size=3",
+                 "train.steps=2", f"run.dir={run}", "distributed.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "engine", "train",
+         *overrides], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=True)["data"]
+    assert state["world_size"] == 2 and state["batch"] == 2 and state["samples"] == 2 * 3 * 2
+    assert len(state["cursors"]) == 2 and all(len(c) == 2 and sum(c) == 6 for c in state["cursors"])

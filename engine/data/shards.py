@@ -801,10 +801,17 @@ class ShardStream:
                 self._end_epoch()
         raise AssertionError("unreachable")
 
+    def close(self) -> None:
+        """Stop the dataloader workers now (they also stop when the stream is garbage-collected)."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's multiprocessing iterator
+        if shutdown is not None:
+            shutdown()
+
     def _end_epoch(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0
         self.cursors = [0] * max(self.num_workers, 1)
-        self._batches = None
+        self.close()  # before the next epoch's workers are forked
 
     def _advance(self, worker: int, cursor: int, num_skipped: int) -> None:
         self.cursors[worker] = cursor
