@@ -427,3 +427,31 @@ def test_torchrun_two_ranks_from_shards_checkpoints_every_cursor(even_shards: Pa
     state = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=True)["data"]
     assert state["world_size"] == 2 and state["batch"] == 2 and state["samples"] == 2 * 3 * 2
     assert len(state["cursors"]) == 2 and all(len(c) == 2 and sum(c) == 6 for c in state["cursors"])
+
+
+def test_train_reports_skipped_samples_in_metrics(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_tar(shards / "a.tar", [{"__key__": f"a{i}", "jpg": _jpeg(i)} for i in range(2)]
+               + [{"__key__": "bad", "jpg": b"\xff\xd8 garbage \xff\xd9"}]
+               + [{"__key__": f"a{i}", "jpg": _jpeg(i)} for i in range(2, 4)])
+    _write_tar(shards / "b.tar", [{"__key__": f"b{i}", "jpg": _jpeg(10 + i)} for i in range(4)])
+    run = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"data.shards={shards}", "data.epoch_samples=8", "train.batch_size=4",
+                 "train.steps=2", f"run.dir={run}"]
+    assert cli_main(["train", *overrides]) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert sum(r["data_skipped"] for r in records) == 1  # the corrupt JPEG, read in one of the two steps
+
+
+def test_pipe_urls_stream_through_a_shell_command(even_shards: Path) -> None:
+    """`pipe:CMD` shards (how object stores are read): here `cat`; no manifest, so epoch_samples gives the size."""
+    spec = f"pipe:cat {even_shards}/train-{{000000..000007}}.tar"
+    assert len(resolve_shards(spec).urls) == 8 and resolve_shards(spec).counts is None
+    stream = _stream(spec, batch_size=4, epoch_samples=48)
+    keys = [int(i) for b in _epoch(stream) for i in b.indices]
+    assert sorted(keys) == sorted(key_hash(f"{k:09d}") for k in range(48))
+    failing = _stream(f"pipe:cat {even_shards}/missing.tar::{spec}", batch_size=4, epoch_samples=48)
+    _epoch(failing)
+    assert failing.skipped_by_epoch[0] >= 1  # the failed command is skipped and counted
