@@ -4,6 +4,7 @@
     ibot demo                      # ViT-tiny on the built-in dataset: k-NN before/after, throughput, loss curve
     ibot eval knn --checkpoint RUN_OR_FILE
     ibot plot RUN_DIR              # loss curve PNG from metrics.jsonl
+    ibot shards write SRC OUT      # WebDataset shards + manifest.json (train with data.shards=OUT)
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="JSON result path (default: next to the checkpoint)")
     k.add_argument("overrides", nargs="*")
 
+    p = sub.add_parser("shards", help="WebDataset shards")
+    sh = p.add_subparsers(dest="shards_command", required=True)
+    w = sh.add_parser("write", help="image folder, flat folder or file list -> tar shards + manifest.json")
+    w.add_argument("src", help="image folder (class sub-folders keep labels), flat folder, or file list")
+    w.add_argument("out", help="output folder for the shards and manifest.json")
+    w.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    w.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
+    w.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds this")
+    w.add_argument("--workers", type=int, default=0, help="writer processes (default: one per CPU, at most 16)")
+    w.add_argument("--prefix", default="shard", help="shard file name prefix")
+
     p = sub.add_parser("plot", help="draw the loss curve of a run to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
@@ -64,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             from engine.evaluate import knn_main
 
             knn_main(args)
+        elif args.command == "shards":
+            from engine.data.shards import write_shards
+
+            manifest = write_shards(
+                args.src, args.out, max_count=args.max_count, max_size=args.max_size, max_side=args.max_side,
+                workers=args.workers, prefix=args.prefix, progress=sys.stdout.isatty(),
+            )
+            print(f"{manifest['total']} images in {len(manifest['shards'])} shards under {args.out}; "
+                  f"{len(manifest['skipped'])} unreadable files skipped (listed in manifest.json)")
         elif args.command == "plot":
             from engine.plot import plot_run
 
