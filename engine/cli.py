@@ -7,6 +7,7 @@
     ibot export --checkpoint RUN_OR_FILE --format timm
     ibot visualize --checkpoint RUN_OR_FILE --image FILE
     ibot plot RUN_DIR              # loss (and k-NN) curve PNGs from metrics.jsonl
+    ibot shards write SRC OUT      # WebDataset shards + manifest.json (train with data.shards=OUT)
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_args(lin)
     lin.add_argument("--epochs", type=int, default=10)
     lin.add_argument("--lrs", type=float, nargs="+", help="learning-rate sweep (default 1e-3 ... 1.0)")
+
+    p = sub.add_parser("shards", help="WebDataset shards")
+    sh = p.add_subparsers(dest="shards_command", required=True)
+    w = sh.add_parser("write", help="image folder, flat folder or file list -> tar shards + manifest.json")
+    w.add_argument("src", help="image folder (class sub-folders keep labels), flat folder, or file list")
+    w.add_argument("out", help="output folder for the shards and manifest.json")
+    w.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    w.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most")
+    w.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds this")
+    w.add_argument("--workers", type=int, default=0, help="writer processes (default: one per CPU, at most 16)")
+    w.add_argument("--prefix", default="shard", help="shard file name prefix")
 
     p = sub.add_parser("export", help="write a checkpoint's backbone as safetensors (timm or our key names)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -104,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             from engine.visualize import visualize_main
 
             visualize_main(args)
+        elif args.command == "shards":
+            from engine.data.shards import write_shards
+
+            manifest = write_shards(
+                args.src, args.out, max_count=args.max_count, max_size=args.max_size, max_side=args.max_side,
+                workers=args.workers, prefix=args.prefix, progress=sys.stdout.isatty(),
+            )
+            print(f"{manifest['total']} images in {len(manifest['shards'])} shards under {args.out}; "
+                  f"{len(manifest['skipped'])} unreadable files skipped (listed in manifest.json)")
         elif args.command == "plot":
             from engine.plot import plot_knn_run, plot_run
 

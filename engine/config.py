@@ -86,6 +86,21 @@ class DataConfig:
     """DataLoader worker processes per rank (0 loads in the training process)."""
     builtin_size: int = 2000
     """Number of training images of a built-in dataset (its val split has a quarter as many, at least 100)."""
+    shards: str = ""
+    """WebDataset shards to train from instead of `path`: a folder with manifest.json (`ibot shards write`), a brace
+    pattern (/data/train-{000000..001023}.tar) or any URL webdataset opens. `pipe:CMD` runs CMD in a shell."""
+    shard_mode: Literal["exact", "resampled"] = "exact"
+    """exact: each epoch reads every shard once, split over ranks and workers (resumes losing nothing);
+    resampled: workers draw shards with replacement, an endless stream cut into epochs of `epoch_samples`."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (0 or 1: shard order only)."""
+    epoch_samples: int = 0
+    """Samples per epoch; 0: the manifest's total (needed when the shards have no manifest)."""
+    augment: Literal["cpu", "gpu"] = "cpu"
+    """Shards only. cpu: PIL + torchvision.transforms.v2 in the workers; gpu: batched crops and colour ops on the
+    training device (engine/data/gpu_aug.py), workers only read and check the images."""
+    decode: Literal["gpu", "cpu"] = "gpu"
+    """With augment=gpu: gpu decodes the JPEG bytes on the device (nvJPEG); cpu decodes to uint8 in the workers."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,9 +177,9 @@ class EvalConfig:
     """Weighted k-NN of the teacher on a held-out set every this many steps and at the last step (0: never);
     logs knn_top1 / knn_top5 to metrics.jsonl."""
     train: str = ""
-    """Labelled image folder for the k-NN memory; empty: builtin:NAME:train for built-in data."""
+    """Labelled image folder or shards for the k-NN memory; empty: builtin:NAME:train for built-in data."""
     val: str = ""
-    """Labelled image folder to classify; empty: builtin:NAME:val for built-in data."""
+    """Labelled image folder or shards to classify; empty: builtin:NAME:val for built-in data."""
     k: int = 20
     temperature: float = 0.07
     features: Literal["cls", "cls+patch"] = "cls"
@@ -326,6 +341,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.num_global' must be >= 2 (cross-view pairs), got {cfg.data.num_global}")
     positive("data.num_local", cfg.data.num_local, allow_zero=True)
     positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    positive("data.shuffle_buffer", cfg.data.shuffle_buffer, allow_zero=True)
+    positive("data.epoch_samples", cfg.data.epoch_samples, allow_zero=True)
+    if cfg.data.augment == "gpu" and not cfg.data.shards.strip():
+        raise ConfigError("config key 'data.augment' = gpu needs WebDataset shards (data.shards); image folders and "
+                          "built-in data use data.augment=cpu")
     for key, (lo, hi) in (("data.global_scale", cfg.data.global_scale), ("data.local_scale", cfg.data.local_scale)):
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
@@ -357,8 +377,9 @@ def _check(cfg: Config) -> None:
     positive("eval.temperature", cfg.eval.temperature)
     positive("eval.batch_size", cfg.eval.batch_size)
     positive("eval.num_workers", cfg.eval.num_workers, allow_zero=True)
-    if cfg.eval.knn_every and not cfg.data.path.startswith("builtin:") and not (cfg.eval.train and cfg.eval.val):
-        raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled image folders) are needed for "
+    builtin = cfg.data.path.startswith("builtin:") and not cfg.data.shards.strip()
+    if cfg.eval.knn_every and not builtin and not (cfg.eval.train and cfg.eval.val):
+        raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled folders or shards) are needed for "
                           f"eval.knn_every={cfg.eval.knn_every} when data.path is not a built-in dataset")
 
 

@@ -213,6 +213,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     last: dict[str, Any] = {}
     images_per_step = cfg.train.batch_size * env.world_size
     interval_start, interval_steps, run_start_step, run_start = time.perf_counter(), 0, t.step, time.perf_counter()
+    data_skipped = 0  # unreadable samples / shards skipped by the data stream since the last log line (host ints)
 
     def check_finite() -> None:
         if nonfinite.item():  # host sync, only at log / checkpoint boundaries
@@ -228,6 +229,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         while t.step < t.total_steps:
             hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
             batch = next(data_iter).to(env.device)
+            data_skipped += int(getattr(batch, "num_skipped", 0))
             losses, grad_norm = train_step(t, batch, hp, amp_dtype, ema_pairs, params)
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step += 1
@@ -243,13 +245,13 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                     "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
                     "grad_norm": values[3], "img_per_s": images_per_step * interval_steps / (now - interval_start),
                     "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
-                    "data_skipped": int(getattr(batch, "num_skipped", 0)),
+                    "data_skipped": data_skipped,
                 }
                 if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
                     last.update(knn_evaluator(t.model.teacher.backbone, env))
                 per_step = (now - run_start) / max(t.step - run_start_step, 1)
                 metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_start, interval_steps, data_skipped = time.perf_counter(), 0, 0
             if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
                 check_finite()
                 state = t.state_dict()

@@ -67,6 +67,18 @@ def test_knn_on_image_folders_gets_the_accuracy_of_their_labels(tmp_path, capsys
     assert result["features"] == features
 
 
+def test_knn_on_labelled_shards(tmp_path, capsys):
+    train_dir, val_dir = _folders(tmp_path)
+    for split, src in (("train", train_dir), ("val", val_dir)):
+        assert main(["shards", "write", str(src), str(tmp_path / f"shards_{split}"), "--workers", "1",
+                     "--max-count", "6"]) == 0  # several shards per split
+    argv = ["eval", "knn", "--random-init", *TINY_OVERRIDES, "--train", str(tmp_path / "shards_train"),
+            "--val", str(tmp_path / "shards_val"), "--k", "5", "--batch-size", "7", "--out", str(tmp_path / "k.json")]
+    assert main(argv) == 0
+    assert "k-NN top-1: 75.0%  top-5: 100.0%" in capsys.readouterr().out
+    assert json.loads((tmp_path / "k.json").read_text())["num_val"] == 16
+
+
 def test_eval_needs_labelled_folders(tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()

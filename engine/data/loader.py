@@ -354,6 +354,13 @@ def build_data_stream(
     Raises:
         ValueError: the dataset is missing, empty or smaller than one global batch.
     """
+    if data_cfg.shards.strip():  # WebDataset shards (engine/data/shards.py) instead of data.path
+        from engine.data.shards import build_shard_stream
+
+        return build_shard_stream(  # type: ignore[return-value]
+            data_cfg, mask_cfg, batch_size=batch_size, patch_size=patch_size, seed=seed, rank=rank,
+            world_size=world_size, device=device,
+        )
     dataset = build_dataset(data_cfg)
     return DataStream(
         dataset,
