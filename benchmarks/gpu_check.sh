@@ -30,6 +30,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 step kernel_tests 240 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/kernels
 # 2. Kernel benchmark: Triton vs eager vs torch.compile, the shapes, against the copy bandwidth.
 step kernel_bench 300 python -m benchmarks.kernels --out "$OUT/kernels_$(date +%Y%m).md"
+# 3. Data path on CUDA: the GPU-side multi-crop ops vs their CPU run, the side stream; then img/s vs workers.
+step data_tests 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu_aug.py tests/test_shards.py
+step data_bench 300 python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,4,8,16 --batches 10 \
+    --out "$OUT/data_$(date +%Y%m).md"
 
 echo
 printf '%-16s %6s %6s\n' step rc seconds

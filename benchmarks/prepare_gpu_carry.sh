@@ -10,3 +10,14 @@ python -m pip download -q --only-binary=:all: --python-version 3.12 --platform m
     pytest pluggy iniconfig packaging pytest-timeout webdataset braceexpand pyyaml rich markdown-it-py mdurl \
     pygments safetensors
 du -sh gpu_carry
+
+# Realistic JPEG shards for the data benchmark (benchmarks/make_shards.py reads scikit-image's bundled photographs;
+# the device machine cannot download it). 600 images (~30 MB) keep the carried tree under the device's 64 MiB.
+if [ ! -f gpu_carry/bench_shards/manifest.json ]; then
+    skimage_dir=$(mktemp -d)
+    python -m pip download -q --no-deps --only-binary=:all: -d "$skimage_dir" scikit-image
+    python -m pip install -q --no-deps --target "$skimage_dir/pkg" "$skimage_dir"/scikit_image-*.whl
+    PYTHONPATH="$PWD:$skimage_dir/pkg" python -m benchmarks.make_shards gpu_carry/bench_shards --images 600 --max-count 200
+    rm -rf "$skimage_dir"
+fi
+du -sh gpu_carry
