@@ -81,9 +81,30 @@ def init_distributed() -> DistEnv:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+            store=_elastic_round_store(rank, world_size),
+            rank=rank, world_size=world_size,
         )
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def _elastic_round_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under a torchrun agent, its store with a per-attempt key prefix; None (env:// rendezvous) otherwise.
+
+    torchrun (torch 2.14) keeps one TCPStore server for all rendezvous rounds and its workers connect to it with no
+    per-round prefix, so after an elastic restart the new workers can read the dead workers' process-group keys
+    (gloo: peer addresses) and hang or fail connecting. Each worker counts itself in once on start; with a fixed
+    world size, attempt k is workers k*W .. k*W+W-1, and every worker of the attempt derives the same prefix.
+    (A worker that dies before counting itself would shift the count: a failure in the first second of an attempt.)
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timedelta(minutes=10))
+    attempt = (store.add("ibot/workers_started", 1) - 1) // world_size
+    return dist.PrefixStore(f"ibot/attempt_{attempt}/", store)
 
 
 def teardown() -> None:
