@@ -226,7 +226,7 @@ def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",))
     """Full (unsharded) state of a checkpoint on the CPU, without a process group: for eval and export.
 
     `path`: a sharded checkpoint directory, a legacy `.pt` file, or a run / checkpoints directory (its latest).
-    Returns {"step": int, "config": dict, "model": {name: tensor}} with the IBOT module's names
+    Returns {"step": int, "config": dict, "path": str, "model": {name: tensor}} with the IBOT module's names
     (`student.*`, `teacher.*`, `cls_center`, `patch_center`), whatever strategy and world size saved it.
     Only the tensors under `prefixes` of the sharded checkpoint are read (not the optimizer state).
     """
@@ -235,7 +235,7 @@ def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",))
 
     path = resolve_checkpoint_path(path)
     if path.is_file():
-        return load_checkpoint(path)
+        return {**load_checkpoint(path), "path": str(path)}
     reader = dcp.FileSystemReader(str(path))
     try:
         metadata = reader.read_metadata()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import Checkpointer, load_checkpoint
+from engine.checkpoint import load_consolidated, resolve_checkpoint_path
 from engine.config import Config, config_from_dict, load_config
 from engine.data.folder import ImageFolderDataset
 from engine.knn import extract_features, format_knn, weighted_knn
@@ -39,13 +39,11 @@ def build_eval_dataset(spec: str, cfg: Config) -> torch.utils.data.Dataset:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    found = Checkpointer(p).latest() if p.is_dir() else None
-    if found is None:
-        raise ValueError(f"--checkpoint {path!r}: not a checkpoint file or a run directory with checkpoints")
-    return found
+    """A checkpoint (sharded directory or .pt file), or the latest one of a run directory."""
+    try:
+        return resolve_checkpoint_path(path)
+    except ValueError:
+        raise ValueError(f"--checkpoint {path!r}: not a checkpoint or a run directory with checkpoints") from None
 
 
 def teacher_backbone(cfg: Config, state: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
@@ -81,7 +79,7 @@ def knn_main(args: argparse.Namespace) -> dict[str, Any]:
         if not args.checkpoint:
             raise ValueError("--checkpoint is required (or --random-init with --config)")
         path = resolve_checkpoint(args.checkpoint)
-        ckpt = load_checkpoint(path)
+        ckpt = load_consolidated(path)  # full tensors on the CPU, whatever world size / strategy saved it
         cfg = load_config(args.config, args.overrides) if args.config else config_from_dict(ckpt["config"])
         state, where = ckpt["model"], path.parent
     train_spec, val_spec = args.train, args.val

@@ -51,7 +51,7 @@ install -d /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run
 rm -rf /var/spool/slurmctld/*  # fresh controller state: no old jobs or nodes
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=ibottest
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

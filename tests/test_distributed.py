@@ -159,6 +159,41 @@ def test_slurm_environment_from_srun_variables():
     assert slurm_environment({}) is None
 
 
+def test_sharded_checkpoint_failing_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from engine.checkpoint import ShardedCheckpointer
+
+    ckpt = ShardedCheckpointer(tmp_path)
+    ckpt.save(1, {"model": {"w": torch.ones(100)}, "step": torch.tensor(1)}, {"config": {"a": 1}})
+
+    def failing_write(self, plan, planner):
+        (Path(self.path) / "partial.distcp").write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m, pytest.raises(CheckpointException, match="disk full"):
+        m.setattr(dcp.FileSystemWriter, "write_data", failing_write)
+        ckpt.save(2, {"model": {"w": torch.zeros(100)}, "step": torch.tensor(2)})
+    assert ckpt.latest().name == "step_00000001"
+    assert [p.name for p in ckpt.checkpoints()] == ["step_00000001"]  # the half-written .step_00000002.tmp is not one
+    state = load_consolidated(tmp_path)
+    assert state["step"] == 1 and state["config"] == {"a": 1} and torch.equal(state["model"]["w"], torch.ones(100))
+    ckpt.save(2, {"model": {"w": torch.zeros(100)}, "step": torch.tensor(2)})  # a retry replaces the leftover
+    assert ckpt.latest().name == "step_00000002" and not list(ckpt.dir.glob(".step_*"))
+    assert torch.equal(load_consolidated(ckpt.latest())["model"]["w"], torch.zeros(100))
+
+
+def test_fsdp_with_fp16_is_refused_before_any_work():
+    from engine.config import load_config
+    from engine.distributed import DistEnv
+    from engine.parallel import check_strategy
+
+    cfg = load_config(None, ["distributed.strategy=fsdp", "precision=fp16"])
+    with pytest.raises(ValueError, match=r"precision=fp16 with distributed\.strategy=fsdp"):
+        check_strategy(cfg, DistEnv(0, 2, 0, torch.device("cpu")))
+
+
 def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Each rank: its half of a fixed batch through centring and Sinkhorn; an FSDP2 model's gradient clipping."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
