@@ -52,6 +52,9 @@ def _fsdp_units(network: nn.Module, cfg: Config, env: DistEnv, *, teacher: bool)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # fsdp in one process without a launcher: a one-rank group (no-op collectives)
+        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     dtype = param_dtype_for(cfg.precision, env.device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
