@@ -1,6 +1,15 @@
-"""Single-file checkpoints, written atomically; resume from the latest.
+"""Checkpoints, written atomically; resume from the latest; a consolidated load for eval and export.
 
-A checkpoint is `<run>/checkpoints/step_XXXXXXXX.pt`: student, teacher, centres, optimizer, grad scaler, step,
+The trainer writes sharded checkpoints with `torch.distributed.checkpoint` (DCP): `<run>/checkpoints/step_XXXXXXXX/`
+holds one `.distcp` file per rank, DCP's `.metadata`, and `meta.json` (step, config). Every rank writes its own
+shards into `.step_XXXXXXXX.tmp/`; when the save is complete (all ranks done, metadata written) rank 0 renames the
+directory to its final name and only then moves the `latest` pointer. The state holds tensors only (student,
+teacher, centres, the optimizer's per-parameter state, grad scaler, step, RNG, data position): DCP reshards on
+load, so a run saved at 2 ranks resumes at 1 or 4 (same global batch), with DDP, FSDP2 or one process.
+`load_consolidated(path)` reads full, unsharded model tensors on the CPU without a process group.
+
+Legacy single-file format (still read and written by `Checkpointer.save` / `load_checkpoint`):
+a checkpoint is `<run>/checkpoints/step_XXXXXXXX.pt`: student, teacher, centres, optimizer, grad scaler, step,
 RNG states and the data position. It is written to a temporary file in the same directory, flushed and fsynced,
 then renamed over its final name (atomic on POSIX), and only then does the `latest` pointer move (itself
 replaced atomically). A process killed mid-save leaves at most a stray `*.tmp` file; the previous checkpoint and
@@ -9,17 +18,21 @@ pointer stay intact. Loading uses `weights_only=True`: no arbitrary unpickling.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
+META = "meta.json"  # written last into a sharded checkpoint directory, before its rename
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,14 +65,17 @@ class Checkpointer:
     def checkpoints(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+        return sorted(
+            (p for p in self.dir.iterdir() if _NAME.match(p.name) and (p.is_file() or (p / META).is_file())),
+            key=lambda p: (int(_NAME.match(p.name).group(1)), p.name),
+        )
 
     def latest(self) -> Path | None:
         """The checkpoint named by the `latest` pointer, else the newest complete file."""
         pointer = self.dir / "latest"
         if pointer.is_file():
             target = self.dir / pointer.read_text().strip()
-            if target.is_file():
+            if target.is_file() or (target / META).is_file():
                 return target
             log.warning("checkpoint pointer %s names a missing file %s; scanning instead", pointer, target)
         found = self.checkpoints()
@@ -82,6 +98,8 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
+        if is_sharded_checkpoint(path):
+            return path
         if path.is_dir():
             found = Checkpointer(path if (path / "checkpoints").is_dir() else path.parent, self.keep).latest()
             if found is None:
@@ -93,7 +111,144 @@ class Checkpointer:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A legacy single-file checkpoint, or the consolidated model of a sharded one (`load_consolidated`)."""
+    if Path(path).is_dir():
+        return load_consolidated(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded (DCP) checkpoints
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+class ShardedCheckpointer(Checkpointer):
+    """DCP checkpoints of a (possibly) multi-rank run; `save` is called on every rank with its own shards.
+
+    With `async_save`, the state is staged on the CPU and written by a background thread (its collectives on a
+    dedicated gloo group, apart from the training's); `wait()` blocks until the pending save is finalised. Rank 0
+    finalises (meta.json, rename, `latest`, pruning) only after DCP reports the whole save complete.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int = 3, *, async_save: bool = False) -> None:
+        super().__init__(run_dir, keep)
+        self.async_save = async_save
+        self._pending = None
+        self._group = None
+        if async_save and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")  # collective: every rank builds it at the same time
+
+    def _rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:  # type: ignore[override]
+        """Collective: every rank passes its state (DTensors for its shards); returns the final directory."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()  # one save in flight at a time
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".step_{step:08d}.tmp"
+        if self._rank() == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        self._barrier()
+        meta = {"step": step, **(meta or {})}
+        writer = dcp.FileSystemWriter(tmp, sync_files=True)
+        if self.async_save:
+            self._pending = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            self._pending_args = (tmp, final, meta)
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            if self._rank() == 0:
+                self._finalize(tmp, final, meta)
+            self._barrier()  # nobody reads `latest` before it names this save
+        return final
+
+    def wait(self) -> None:
+        """Block until a pending async save is written; rank 0 then finalises it."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.result()  # raises if the background save failed: the previous `latest` stays
+        if self._rank() == 0:
+            self._finalize(*self._pending_args)
+
+    def _finalize(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        atomic_write(tmp / META, lambda f: f.write(json.dumps(meta).encode()))
+        if final.exists():  # a rerun from an older checkpoint overwrites this step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        atomic_write(self.dir / "latest", lambda f: f.write(final.name.encode()))
+        for old in self.checkpoints()[: -self.keep]:
+            if old != final:
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        log.info("checkpoint: saved %s", final)
+
+
+def load_sharded(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Fill `state` (this rank's tensors / DTensors, in place) from the DCP checkpoint at `path`; collective."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as err:
+        raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err
+    return state
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint (DCP directory or legacy .pt file), or the latest one of a run or checkpoints directory."""
+    p = Path(path)
+    if p.is_file() or is_sharded_checkpoint(p):
+        return p
+    if p.is_dir():
+        found = Checkpointer(p if (p / "checkpoints").is_dir() else p.parent).latest()
+        if found is None and p.name == "checkpoints":
+            found = Checkpointer(p.parent).latest()
+        if found is not None:
+            return found
+    raise ValueError(f"checkpoint {str(path)!r}: not a checkpoint or a run directory with checkpoints")
+
+
+def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[str, Any]:
+    """Full (unsharded) state of a checkpoint on the CPU, without a process group: for eval and export.
+
+    `path`: a sharded checkpoint directory, a legacy `.pt` file, or a run / checkpoints directory (its latest).
+    Returns {"step": int, "config": dict, "path": str, "model": {name: tensor}} with the IBOT module's names
+    (`student.*`, `teacher.*`, `cls_center`, `patch_center`), whatever strategy and world size saved it.
+    Only the tensors under `prefixes` of the sharded checkpoint are read (not the optimizer state).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = resolve_checkpoint_path(path)
+    if path.is_file():
+        return {**load_checkpoint(path), "path": str(path)}
+    reader = dcp.FileSystemReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+        template = {
+            key: torch.empty(md.size, dtype=md.properties.dtype)
+            for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata) and key.startswith(prefixes)
+        }
+        dcp.load(template, storage_reader=reader, no_dist=True)
+        meta = json.loads((path / META).read_text())
+    except Exception as err:
+        raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err
+    out: dict[str, Any] = {"step": int(meta["step"]), "config": meta.get("config", {}), "path": str(path)}
+    for prefix in prefixes:
+        out[prefix.rstrip(".")] = {k[len(prefix):]: v for k, v in template.items() if k.startswith(prefix)}
+    return out

@@ -164,11 +164,24 @@ class CheckpointConfig:
     """auto: resume from the latest checkpoint in run.dir if there is one; '' or none: start fresh; a path."""
     keep: int = 3
     """Keep this many most recent checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in a background thread (torch.distributed.checkpoint.async_save) after staging them on the
+    CPU; training continues meanwhile, and the `latest` pointer moves only once the save is complete."""
 
 
 @dataclass(kw_only=True, slots=True)
 class DistributedConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
+    """none: one process; ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard per block, head and root."""
+    reshard_after_forward: bool = True
+    """fsdp: free the gathered student parameters after the forward (ZeRO-3); false keeps them until the backward
+    (ZeRO-2 like: less communication, more memory). The teacher always reshards."""
+    bucket_cap_mb: float = 25.0
+    """ddp: gradient all-reduce bucket size in MB."""
+    static_graph: bool = True
+    """ddp: the same parameters take part in every step, so DDP can skip its per-step graph bookkeeping."""
+    log_all_ranks: bool = False
+    """Every rank also writes its logged (rank-reduced) metrics to metrics.rank<R>.jsonl (launcher checks)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -381,6 +394,7 @@ def _check(cfg: Config) -> None:
     if cfg.eval.knn_every and not builtin and not (cfg.eval.train and cfg.eval.val):
         raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled folders or shards) are needed for "
                           f"eval.knn_every={cfg.eval.knn_every} when data.path is not a built-in dataset")
+    positive("distributed.bucket_cap_mb", cfg.distributed.bucket_cap_mb)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import resolve_checkpoint_path
 from engine.config import Config, load_config, parse_overrides
 from engine.config import _set as set_key
 from engine.data.folder import ImageFolderDataset
@@ -115,13 +115,11 @@ def build_eval_dataset(spec: str, cfg: Config) -> torch.utils.data.Dataset:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    found = Checkpointer(p).latest() if p.is_dir() else None
-    if found is None:
-        raise ValueError(f"--checkpoint {path!r}: not a checkpoint file or a run directory with checkpoints")
-    return found
+    """A checkpoint (sharded directory or .pt file), or the latest one of a run directory."""
+    try:
+        return resolve_checkpoint_path(path)
+    except ValueError:
+        raise ValueError(f"--checkpoint {path!r}: not a checkpoint or a run directory with checkpoints") from None
 
 
 def teacher_backbone(cfg: Config, state: dict[str, Any] | None, device: torch.device,

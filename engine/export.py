@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from engine.checkpoint import atomic_write, load_checkpoint
+from engine.checkpoint import atomic_write, load_consolidated
 from engine.config import Config, config_from_dict
 
 FORMATS = ("timm", "safetensors")
@@ -50,9 +50,9 @@ def read_checkpoint(checkpoint: str | Path) -> tuple[dict[str, Tensor], Config, 
     from engine.evaluate import resolve_checkpoint
 
     path = resolve_checkpoint(str(checkpoint))
-    ckpt = load_checkpoint(path)
+    ckpt = load_consolidated(path)  # full tensors on the CPU, whatever strategy and world size saved it
     for key in ("model", "config"):
-        if key not in ckpt:
+        if not ckpt.get(key):
             raise ValueError(f"checkpoint {str(path)!r} has no {key!r} entry")
     return ckpt["model"], config_from_dict(ckpt["config"]), path
 

@@ -20,15 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from engine.checkpoint import Checkpointer, load_checkpoint
+from engine.checkpoint import Checkpointer, ShardedCheckpointer, is_sharded_checkpoint, load_checkpoint
 from engine.config import Config, config_to_dict, save_config
 from engine.data.loader import Batch, build_data_stream
-from engine.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
+from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
 from engine.logging import MetricLogger, setup_logging
 from engine.model.ibot import IBOT
 from engine.objective import IBOTLoss, ibot_loss, sinkhorn_log_targets
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
+from engine.parallel import apply_strategy, build_grad_scaler, check_strategy, clip_sharded_gradients_
 from engine.schedules import Hyperparams, hyperparams_at, peak_lr
+from engine.train_state import restore_training_state, training_state
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Trainer:
     cfg: Config
     env: DistEnv
     model: IBOT
-    student: nn.Module  # model.student, or its DDP wrapper
+    student: nn.Module  # model.student (sharded in place under FSDP2), or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     data: Any  # engine.data.loader.DataStream
@@ -88,10 +90,7 @@ def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
 
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
-    if cfg.distributed.strategy == "fsdp":
-        raise ValueError("distributed.strategy=fsdp is not available yet; use ddp or none")
-    if cfg.distributed.strategy == "none" and env.world_size > 1:
-        raise ValueError(f"distributed.strategy=none with WORLD_SIZE={env.world_size}; use distributed.strategy=ddp")
+    check_strategy(cfg, env)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -100,22 +99,17 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
         rank=env.rank, world_size=env.world_size, device=env.device,
     )
     model = IBOT(cfg.model, cfg.loss).to(env.device)
-    student: nn.Module = model.student
-    if cfg.distributed.strategy == "ddp" and env.world_size > 1:
-        student = nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
-    optimizer = build_optimizer(model.student, cfg.optim, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype(cfg.precision, env.device) == torch.float16)
-    if cfg.train.compile:
+    if cfg.train.compile:  # per block, before DDP / FSDP2 wrap them (torchtitan's order)
         for block in model.student.backbone.blocks:
             block.compile()
         for block in model.teacher.backbone.blocks:
             block.compile()
+    student = apply_strategy(model, cfg, env)  # engine/parallel.py: none, DDP or FSDP2 (teacher too)
+    optimizer = build_optimizer(model.student, cfg.optim, env.device)
+    scaler = build_grad_scaler(cfg, env)
     return Trainer(
         cfg=cfg, env=env, model=model, student=student, optimizer=optimizer, scaler=scaler, data=data,
-        checkpointer=Checkpointer(cfg.run.dir, cfg.checkpoint.keep),
+        checkpointer=ShardedCheckpointer(cfg.run.dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save),
         total_steps=total_steps_for(cfg, data.steps_per_epoch),
     )
 
@@ -146,7 +140,8 @@ def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
     t.scaler.unscale_(t.optimizer)
-    grad_norm = clip_gradients_(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
+    clip = clip_sharded_gradients_ if cfg.distributed.strategy == "fsdp" else clip_gradients_
+    grad_norm = clip(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
     if hp.freeze_last_layer:  # the step is known on the host: no sync to decide this
         for p in last_layer_params(t.optimizer):
             p.grad = None  # AdamW skips parameters without gradients: no update, no decay
@@ -187,9 +182,12 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     t = build_trainer(cfg, env)
-    resume = t.checkpointer.resolve_resume(cfg.checkpoint.resume)
-    if resume is not None:
-        t.load_state_dict(load_checkpoint(resume))
+    resume = broadcast_object(t.checkpointer.resolve_resume(cfg.checkpoint.resume))  # rank 0's choice for all
+    if resume is not None and is_sharded_checkpoint(resume):
+        restore_training_state(t, resume)  # any world size / strategy saved it: DCP reshards
+        log.info("resumed from %s at step %d", resume, t.step)
+    elif resume is not None:
+        t.load_state_dict(load_checkpoint(resume))  # legacy single-file checkpoint
         log.info("resumed from %s at step %d", resume, t.step)
     if env.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", t.step)  # records past the resumed step are superseded
@@ -216,7 +214,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     data_skipped = 0  # unreadable samples / shards skipped by the data stream since the last log line (host ints)
 
     def check_finite() -> None:
-        if nonfinite.item():  # host sync, only at log / checkpoint boundaries
+        # Host sync, only at log / checkpoint boundaries; over all ranks, so that all stop (or save) together.
+        if all_reduce_sum(nonfinite.float()).item():
             good = t.checkpointer.latest()
             raise NonFiniteLossError(
                 f"non-finite loss at or before step {t.step}; stopping. Last good checkpoint: {good or 'none'}. "
@@ -237,7 +236,10 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             eval_now = bool(knn_every) and (t.step % knn_every == 0 or t.step == t.total_steps)
             if t.step % cfg.train.log_every == 0 or t.step == t.total_steps or eval_now:
                 check_finite()
-                values = torch.stack([losses.total, losses.cls, losses.patch, grad_norm.float()]).tolist()  # sync
+                # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), one
+                # all-reduce at logging steps only; grad_norm is already global. Then the host sync.
+                local = torch.stack([losses.total, losses.cls, losses.patch]).detach().float()
+                values = torch.cat([all_reduce_mean(local), grad_norm.float().reshape(1)]).tolist()
                 now = time.perf_counter()
                 last = {
                     "step": t.step, "loss": values[0], "loss_cls": values[1], "loss_patch": values[2],
@@ -251,12 +253,15 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                     last.update(knn_evaluator(t.model.teacher.backbone, env))
                 per_step = (now - run_start) / max(t.step - run_start_step, 1)
                 metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
+                if cfg.distributed.log_all_ranks and not env.is_main:  # launcher checks: every rank's view
+                    with open(run_dir / f"metrics.rank{env.rank}.jsonl", "a") as f:
+                        f.write(json.dumps(last) + "\n")
                 interval_start, interval_steps, data_skipped = time.perf_counter(), 0, 0
             if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
                 check_finite()
-                state = t.state_dict()
-                if env.is_main:
-                    t.checkpointer.save(t.step, state)
+                # Every rank writes its shards; `latest` moves once the save is complete (async: later).
+                t.checkpointer.save(t.step, training_state(t), {"config": config_to_dict(cfg)})
+        t.checkpointer.wait()
     finally:
         metrics.close()
     if last and math.isfinite(last["loss"]):

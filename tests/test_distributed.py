@@ -1,0 +1,424 @@
+"""Distributed training on CPU (gloo) through the real launchers: torchrun (standalone, two "nodes", elastic
+restart after kill -9) and SLURM (a real single-host cluster), DDP and FSDP2, and DCP checkpoints that reshard.
+
+The reference is always one process with the whole global batch (`distributed.strategy=none`, batch 8): two ranks
+with batch 4 must log the same losses (metrics.jsonl holds the mean over ranks) and end with the same teacher.
+`model.drop_path=0` in these runs: stochastic depth draws from the process RNG per rank, the one random choice
+that is not a function of (seed, epoch, sample index), so it would differ between 1 and 2 ranks.
+
+The launcher tests are `slow` (out of the default suite); `.ci/run` runs them (with IBOT_CI=1, under which a
+missing SLURM is a failure instead of a skip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.checkpoint import Checkpointer, load_consolidated
+from engine.distributed import slurm_environment
+from tests.helpers import TINY_OVERRIDES, read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+IN_CI = os.environ.get("IBOT_CI") == "1"
+STEPS = 6
+# Global batch 8 in every run; 6 steps with a checkpoint at 3; a learning rate large enough to move the weights.
+BASE = [*TINY_OVERRIDES, "model.drop_path=0", "optim.lr=0.05", f"train.steps={STEPS}", "checkpoint.every=3"]
+KEYS = ("loss", "loss_cls", "loss_patch", "grad_norm")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str = "") -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
+
+
+def _train(run_dir: Path, *overrides: str, nproc: int = 0, launcher: list[str] | None = None,
+           script: list[str] | None = None, env: dict | None = None, timeout: float = 400) -> str:
+    """`python -m engine train` (nproc 0) or `torchrun --standalone --nproc_per_node=N -m engine train`."""
+    args = ["train", *BASE, f"run.dir={run_dir}", *overrides]
+    program = script or ["-m", "engine"]
+    if nproc == 0:
+        cmd = [PY, *program, *args]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", *(launcher or ["--standalone"]), f"--nproc_per_node={nproc}",
+               *program, *args]
+    out = _run_session(cmd, {**_env(), **(env or {})}, timeout)
+    return out
+
+
+def _run_session(cmd: list[str], env: dict[str, str], timeout: float) -> str:
+    """Run `cmd` in its own session; on timeout, dump the Python stacks (SIGUSR1, faulthandler where registered)
+    and kill the whole process group, so that no rank outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd[:8])} ...\n{out[-6000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stray ranks of a failed launcher
+    _check(proc, out)
+    return out
+
+
+def _assert_losses_match(a: list[dict], b: list[dict], steps: range, rel: float = 1e-5) -> None:
+    by_step_a, by_step_b = {r["step"]: r for r in a}, {r["step"]: r for r in b}
+    for step in steps:
+        for key in KEYS:
+            x, y = by_step_a[step][key], by_step_b[step][key]
+            assert abs(x - y) <= rel * abs(y), f"step {step} {key}: {x} vs {y}"
+
+
+def _teacher(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_consolidated(run_dir)
+    assert state["step"] == STEPS
+    return {k: v for k, v in state["model"].items() if k.startswith("teacher.")}
+
+
+def _assert_same_teacher(a: Path, b: Path) -> None:
+    ta, tb = _teacher(a), _teacher(b)
+    assert ta.keys() == tb.keys() and len(ta) > 10
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+class Runs:
+    """Reference runs, each started the first time a test asks for it (so a single test runs only what it needs)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[str, Path] = {}
+
+    def get(self, name: str) -> Path:
+        if name not in self.done:
+            run_dir = self.root / name
+            if name == "none":  # one process, the whole global batch
+                _train(run_dir, "train.batch_size=8")
+            elif name == "ddp":  # async checkpoint writes exercised here
+                _train(run_dir, "train.batch_size=4", "distributed.strategy=ddp", "checkpoint.async_save=true",
+                       nproc=2)
+            elif name == "fsdp":
+                _train(run_dir, "train.batch_size=4", "distributed.strategy=fsdp", nproc=2)
+            else:
+                raise KeyError(name)
+            self.done[name] = run_dir
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast checks (default suite)
+
+
+def test_slurm_environment_from_srun_variables():
+    step = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+            "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[01-02]",
+            "MASTER_ADDR": "10.0.0.7"}
+    assert slurm_environment(step) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                       "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29734"}
+    assert slurm_environment({**step, "MASTER_PORT": "4000"})["MASTER_PORT"] == "4000"
+    assert slurm_environment({**step, "WORLD_SIZE": "2"}) is None  # torchrun inside the job wins
+    batch_script = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
+    assert slurm_environment(batch_script) is None  # the batch script itself is no rank
+    assert slurm_environment({}) is None
+
+
+def test_sharded_checkpoint_failing_mid_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from engine.checkpoint import ShardedCheckpointer
+
+    ckpt = ShardedCheckpointer(tmp_path)
+    ckpt.save(1, {"model": {"w": torch.ones(100)}, "step": torch.tensor(1)}, {"config": {"a": 1}})
+
+    def failing_write(self, plan, planner):
+        (Path(self.path) / "partial.distcp").write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m, pytest.raises(CheckpointException, match="disk full"):
+        m.setattr(dcp.FileSystemWriter, "write_data", failing_write)
+        ckpt.save(2, {"model": {"w": torch.zeros(100)}, "step": torch.tensor(2)})
+    assert ckpt.latest().name == "step_00000001"
+    assert [p.name for p in ckpt.checkpoints()] == ["step_00000001"]  # the half-written .step_00000002.tmp is not one
+    state = load_consolidated(tmp_path)
+    assert state["step"] == 1 and state["config"] == {"a": 1} and torch.equal(state["model"]["w"], torch.ones(100))
+    ckpt.save(2, {"model": {"w": torch.zeros(100)}, "step": torch.tensor(2)})  # a retry replaces the leftover
+    assert ckpt.latest().name == "step_00000002" and not list(ckpt.dir.glob(".step_*"))
+    assert torch.equal(load_consolidated(ckpt.latest())["model"]["w"], torch.zeros(100))
+
+
+def test_fsdp_with_fp16_is_refused_before_any_work():
+    from engine.config import load_config
+    from engine.distributed import DistEnv
+    from engine.parallel import check_strategy
+
+    cfg = load_config(None, ["distributed.strategy=fsdp", "precision=fp16"])
+    with pytest.raises(ValueError, match=r"precision=fp16 with distributed\.strategy=fsdp"):
+        check_strategy(cfg, DistEnv(0, 2, 0, torch.device("cpu")))
+
+
+def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Each rank: its half of a fixed batch through centring and Sinkhorn; an FSDP2 model's gradient clipping."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from engine.distributed import all_reduce_sum
+        from engine.objective import sinkhorn_log_targets, update_centers_
+        from engine.parallel import clip_sharded_gradients_
+
+        g = torch.Generator().manual_seed(0)
+        teacher_cls, patch_logits = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
+        cls_center, patch_center = torch.randn(16, generator=g), torch.randn(16, generator=g)
+        mine_cls, mine_patch = teacher_cls.chunk(world)[rank], patch_logits.chunk(world)[rank]
+        update_centers_(cls_center, patch_center, mine_cls, mine_patch.sum(0), mine_patch.shape[0], 0.9,
+                        all_reduce_sum)
+        sinkhorn = sinkhorn_log_targets(mine_cls, 0.05, all_reduce=all_reduce_sum)
+
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        x = torch.randn(8, 6, generator=g)
+        model(x.chunk(world)[rank]).square().sum().mul(10.0 / world).backward()
+        clipped = {}
+        for mode in ("global", "per_param"):
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            norm = clip_sharded_gradients_(list(model.parameters()), 0.5, mode)
+            clipped[mode] = (float(norm), [p.grad.full_tensor() for p in model.parameters()])
+            for p, gr in zip(model.parameters(), grads, strict=True):
+                p.grad = gr
+        torch.save({"cls_center": cls_center, "patch_center": patch_center, "sinkhorn": sinkhorn,
+                    "clipped": clipped}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_centring_sinkhorn_and_clipping_two_ranks_equal_one_rank_on_the_whole_batch(tmp_path):
+    from engine.objective import sinkhorn_log_targets, update_centers_
+    from engine.optim import clip_gradients_
+
+    mp.start_processes(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    g = torch.Generator().manual_seed(0)
+    teacher_cls, patch_logits = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
+    cls_center, patch_center = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    update_centers_(cls_center, patch_center, teacher_cls, patch_logits.sum(0), patch_logits.shape[0], 0.9)
+    sinkhorn = sinkhorn_log_targets(teacher_cls, 0.05)
+    for r, got in enumerate(ranks):
+        torch.testing.assert_close(got["cls_center"], cls_center, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["patch_center"], patch_center, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["sinkhorn"], sinkhorn.chunk(2)[r], rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+    x = torch.randn(8, 6, generator=g)
+    (model(x.chunk(2)[0]).square().sum().mul(5.0) + model(x.chunk(2)[1]).square().sum().mul(5.0)).div(2).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for mode in ("global", "per_param"):
+        for p, gr in zip(model.parameters(), grads, strict=True):
+            p.grad = gr.clone()
+        norm = clip_gradients_(list(model.parameters()), 0.5, mode)
+        assert norm > 0.5  # the clip is active
+        for got in ranks:
+            assert got["clipped"][mode][0] == pytest.approx(float(norm), rel=1e-5)
+            for a, b in zip(got["clipped"][mode][1], (p.grad for p in model.parameters()), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the command line (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_through_the_cli(runs, strategy):
+    reference, run = read_metrics(runs.get("none")), read_metrics(runs.get(strategy))
+    assert [r["step"] for r in run] == list(range(1, STEPS + 1))
+    assert run[-1]["grad_norm"] > 0 and run[0]["loss"] != run[-1]["loss"]
+    _assert_losses_match(run, reference, range(1, STEPS + 1))
+    _assert_same_teacher(runs.get(strategy), runs.get("none"))
+    ckpt = Checkpointer(runs.get(strategy))
+    assert [p.name for p in ckpt.checkpoints()] == ["step_00000003", "step_00000006"]
+    assert ckpt.latest().name == "step_00000006"
+    assert len(list(ckpt.latest().glob("*.distcp"))) == 2  # one shard file per rank
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [1, 4])
+def test_checkpoint_saved_at_two_ranks_resumes_at_another_world_size(runs, tmp_path, world):
+    source = runs.get("fsdp")  # FSDP2 at 2 ranks, checkpoints at steps 3 and 6
+    run_dir = tmp_path / f"resume{world}"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step_00000003", run_dir / "checkpoints" / "step_00000003")
+    shutil.copy(source / "metrics.jsonl", run_dir / "metrics.jsonl")  # records past step 3 get dropped on resume
+    if world == 1:
+        out = _train(run_dir, "train.batch_size=8")
+    else:
+        out = _train(run_dir, "train.batch_size=2", "distributed.strategy=fsdp", nproc=4)
+    assert "resumed from" in out and "at step 3" in out
+    resumed = read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    _assert_losses_match(resumed, read_metrics(source), range(4, STEPS + 1))
+    _assert_same_teacher(run_dir, source)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill_9_of_one_rank_restarts_and_finishes_like_an_uninterrupted_run(runs, tmp_path):
+    run_dir = tmp_path / "killed"
+    out = _train(run_dir, "train.batch_size=4", "distributed.strategy=ddp", nproc=2,
+                 launcher=["--standalone", "--max-restarts=1"], script=[str(ROOT / "tests" / "dist_kill_wrapper.py")],
+                 env={"IBOT_TEST_KILL_AT": "5", "IBOT_TEST_KILL_RANK": "1"})
+    assert "exitcode: -9" in out, out[-3000:]  # torchrun saw the SIGKILL (and restarted: resumed below)
+    assert "resumed from" in out and "at step 3" in out
+    killed = read_metrics(run_dir)
+    assert [r["step"] for r in killed] == list(range(1, STEPS + 1))
+    _assert_losses_match(killed, read_metrics(runs.get("ddp")), range(1, STEPS + 1))
+    _assert_same_teacher(run_dir, runs.get("ddp"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_node_torchrun_with_c10d_rendezvous_on_localhost(runs, tmp_path):
+    run_dir, port = tmp_path / "two_nodes", _free_port()
+    launcher = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ibot-two-nodes"]
+    args = ["train", *BASE, f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=fsdp"]
+    cmd = [PY, "-m", "torch.distributed.run", *launcher, "--nproc_per_node=1", "-m", "engine", *args]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for _ in range(2)]
+    try:
+        outs = [node.communicate(timeout=400)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, out in zip(nodes, outs, strict=True):
+        _check(node, out)
+    assert any("device cpu x 2" in out for out in outs)
+    _assert_losses_match(read_metrics(run_dir), read_metrics(runs.get("fsdp")), range(1, STEPS + 1))
+    _assert_losses_match(read_metrics(run_dir), read_metrics(runs.get("none")), range(1, STEPS + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real SLURM cluster on this host (slow; needs root and Debian's slurmctld slurmd slurm-client munge)
+
+
+def _slurm_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to start munged / slurmctld / slurmd"
+    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(exe) is None]
+    if missing:
+        return (f"SLURM not installed ({', '.join(missing)} missing): "
+                "apt-get install slurmctld slurmd slurm-client munge")
+    pid = Path("/run/slurm/slurmctld.pid")
+    if pid.is_file():
+        try:
+            os.kill(int(pid.read_text()), 0)
+            return "a slurmctld is already running on this host (not ours to reconfigure)"
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = _slurm_missing()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"SLURM test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    script = ROOT / "tests" / "slurm_cluster.sh"
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield
+    finally:
+        down = subprocess.run(["bash", str(script), "down"], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def _sbatch_and_wait(args: list[str], env: dict[str, str], timeout: float = 400) -> tuple[str, str]:
+    jid = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    while subprocess.run(["squeue", "-h", "-j", jid], capture_output=True, text=True).stdout.strip():
+        if time.time() > deadline:
+            subprocess.run(["scancel", jid])
+            pytest.fail(f"SLURM job {jid} still queued or running after {timeout} s")
+        time.sleep(0.5)
+    info = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, check=True).stdout
+    return jid, info
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_slurm_sbatch_two_ranks(slurm_cluster, runs, tmp_path, launcher):
+    run_dir, log = tmp_path / "slurm", tmp_path / "job.out"
+    env = {**_env(), "PYTHON": PY, "IBOT_LAUNCHER": launcher, "IBOT_NPROC_PER_NODE": "2"}
+    tasks = ["--ntasks=2"] if launcher == "srun" else ["--ntasks=1", "--cpus-per-task=2"]
+    args = [*tasks, f"--output={log}", "--time=00:10:00", str(ROOT / "launch" / "slurm.sbatch"), *BASE,
+            f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=ddp", "distributed.log_all_ranks=true"]
+    jid, info = _sbatch_and_wait(args, env)
+    out = log.read_text() if log.exists() else ""
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, f"job {jid}: {info}\n{out[-4000:]}"
+    rank0, rank1 = read_metrics(run_dir), [json.loads(x) for x in (run_dir / "metrics.rank1.jsonl").open()]
+    assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rank0] == [r["loss"] for r in rank1]  # both ranks logged the same (reduced) losses
+    _assert_losses_match(rank0, read_metrics(runs.get("ddp")), range(1, STEPS + 1))
+
