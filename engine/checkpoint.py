@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -197,12 +198,51 @@ class ShardedCheckpointer(Checkpointer):
         log.info("checkpoint: saved %s", final)
 
 
+# DCP's `.metadata` index is a pickle, which `FileSystemReader` reads with plain `pickle.load`: a crafted checkpoint
+# could run code on load. The tensors themselves are read with `torch.load(weights_only=True)`. So the index is read
+# with an unpickler that only builds DCP's own metadata classes, torch sizes / dtypes / layouts and paths.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        listed = (module, name) in _ALLOWED_GLOBALS
+        obj = super().find_class(module, name) if listed or module in _DCP_MODULES or module == "torch" else None
+        if listed or (module in _DCP_MODULES and isinstance(obj, type)) or (
+                module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
+            return obj
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not DCP metadata")
+
+
+def safe_reader(path: str | Path) -> Any:
+    """A DCP `FileSystemReader` of `path` whose `.metadata` is unpickled with the restricted unpickler above."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(path))
+
+
 def load_sharded(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     """Fill `state` (this rank's tensors / DTensors, in place) from the DCP checkpoint at `path`; collective."""
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        reader = safe_reader(path)
+        reader.read_metadata()  # fails here with a clear reason (DCP would wrap it in a per-rank exception)
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err
     return state
@@ -236,7 +276,7 @@ def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",))
     path = resolve_checkpoint_path(path)
     if path.is_file():
         return {**load_checkpoint(path), "path": str(path)}
-    reader = dcp.FileSystemReader(str(path))
+    reader = safe_reader(path)
     try:
         metadata = reader.read_metadata()
         template = {

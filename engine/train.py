@@ -26,11 +26,12 @@ from engine.data.loader import Batch, build_data_stream
 from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
 from engine.logging import MetricLogger, setup_logging
 from engine.model.ibot import IBOT
-from engine.objective import IBOTLoss, ibot_loss, sinkhorn_log_targets
+from engine.objective import IBOTLoss
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.parallel import apply_strategy, build_grad_scaler, check_strategy, clip_sharded_gradients_
 from engine.schedules import Hyperparams, hyperparams_at, peak_lr
-from engine.train_state import restore_training_state, training_state
+from engine.step import forward_losses
+from engine.train_state import data_state, restore_training_state, training_state
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,7 @@ def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype
     apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay)
     amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with amp:
-        teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)
-        student_cls, student_patch = t.student(batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
-        teacher_cls, teacher_patch = teacher.cls_logits, teacher.patch_logits
-        cls_center, patch_center = model.cls_center, model.patch_center
-        temp, patch_temp = hp.teacher_temp, hp.patch_teacher_temp
-        if cfg.loss.centering == "sinkhorn":
-            # Targets as log-probabilities: centre 0 and temperature 1 reproduce them exactly in the kernel.
-            teacher_cls = sinkhorn_log_targets(teacher_cls, temp, all_reduce=all_reduce_sum)
-            teacher_patch = sinkhorn_log_targets(teacher_patch, patch_temp, all_reduce=all_reduce_sum)
-            cls_center, patch_center = torch.zeros_like(cls_center), torch.zeros_like(patch_center)
-            temp = patch_temp = 1.0
-        losses = ibot_loss(
-            student_cls, teacher_cls, student_patch, teacher_patch, batch.masks, cls_center, patch_center,
-            temp, patch_temp, cfg.loss.student_temp, num_global=cfg.data.num_global,
-            lambda_cls=cfg.loss.lambda_cls, lambda_patch=cfg.loss.lambda_patch,
-        )
+        losses, teacher = forward_losses(model, batch, hp, cfg, student=t.student)  # DDP / FSDP wrapper as student
     t.scaler.scale(losses.total).backward()
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
@@ -260,7 +246,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
                 check_finite()
                 # Every rank writes its shards; `latest` moves once the save is complete (async: later).
-                t.checkpointer.save(t.step, training_state(t), {"config": config_to_dict(cfg)})
+                meta = {"config": config_to_dict(cfg), "data": data_state(t)}
+                t.checkpointer.save(t.step, training_state(t), meta)
         t.checkpointer.wait()
     finally:
         metrics.close()

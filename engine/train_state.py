@@ -3,7 +3,10 @@
     model.<IBOT name>          student, teacher (DTensor shards under FSDP2) and the two centres
     optimizer.<param>.<key>    AdamW's per-parameter state (exp_avg, exp_avg_sq, step), by student parameter name
     scaler.scale / .growth_tracker   fp16 only
-    step, data.epoch, data.batch, rng.torch (rng.cuda)
+    step, rng.torch (rng.cuda)
+
+The data stream's position (epoch, batch, and for shards every rank's worker cursors) is JSON, not tensors: it goes
+into the checkpoint's meta.json (`data_state` below), which rank 0 writes once the save is complete.
 
 Names (not parameter ids or ranks) make the checkpoint independent of the strategy and the world size: DCP
 reshards on load. The optimizer's param_groups are not saved: the trainer sets lr and weight decay every step and
@@ -13,6 +16,7 @@ the rest comes from the config, so nothing in a checkpoint needs unpickling. The
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from engine.checkpoint import load_sharded
+from engine.checkpoint import META, load_sharded
 
 if TYPE_CHECKING:
     from engine.train import Trainer
@@ -39,7 +43,6 @@ def training_state(t: Trainer) -> dict[str, Any]:
         "model": get_model_state_dict(t.model),
         "optimizer": get_optimizer_state_dict(t.model.student, t.optimizer)["state"],
         "step": torch.tensor(t.step, dtype=torch.int64),
-        "data": {k: torch.tensor(v, dtype=torch.int64) for k, v in t.data.state_dict().items()},
         "rng": rng,
     }
     if t.scaler.is_enabled():
@@ -49,6 +52,11 @@ def training_state(t: Trainer) -> dict[str, Any]:
     return state
 
 
+def data_state(t: Trainer) -> dict[str, Any]:
+    """The data stream's position for meta.json (collective for shard streams: call it on every rank)."""
+    return t.data.state_dict()
+
+
 def restore_training_state(t: Trainer, path: str | Path) -> None:
     """Load a sharded checkpoint into the trainer (collective; any strategy and world size saved it)."""
     state = load_sharded(path, training_state(t))  # the template initialises the optimizer state first
@@ -56,7 +64,10 @@ def restore_training_state(t: Trainer, path: str | Path) -> None:
     groups = get_optimizer_state_dict(t.model.student, t.optimizer)["param_groups"]
     set_optimizer_state_dict(t.model.student, t.optimizer, {"state": state["optimizer"], "param_groups": groups})
     t.step = int(state["step"])
-    t.data.load_state_dict({k: int(v) for k, v in state["data"].items()})
+    meta = json.loads((Path(path) / META).read_text())
+    if "data" not in meta:
+        raise ValueError(f"checkpoint {str(path)!r}: {META} has no 'data' entry (the data stream's position)")
+    t.data.load_state_dict(meta["data"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"], t.env.device)

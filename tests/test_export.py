@@ -87,4 +87,4 @@ def test_timm_keys_and_shapes_match_the_named_timm_models(arch):
 
 def test_bad_export_arguments(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "missing")]) == 2
-    assert "not a checkpoint file or a run directory" in capsys.readouterr().err
+    assert "not a checkpoint or a run directory" in capsys.readouterr().err

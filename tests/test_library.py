@@ -17,10 +17,7 @@ from engine.checkpoint import Checkpointer, load_checkpoint
 from engine.config import load_config
 from engine.data.dataloader import build_train_loader
 from engine.data.loader import build_data_stream
-from engine.distributed import DistEnv
-from engine.schedules import hyperparams_at
-from engine.step import forward_losses
-from engine.train import build_trainer, train, train_step
+from engine.train import train
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,21 +52,6 @@ def test_train_loader_yields_the_data_stream_batches(rank):
 def test_train_loader_rejects_a_dataset_smaller_than_a_global_batch():
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
         build_train_loader(_cfg("data.builtin_size=24"), rank=0, world_size=4)
-
-
-@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
-def test_forward_losses_is_the_forward_of_train_step(centering):
-    cfg = _cfg("train.steps=4", f"loss.centering={centering}")
-    t = build_trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    t.model.train()
-    batch = next(iter(t.data))
-    hp = hyperparams_at(1, cfg, t.total_steps, t.data.steps_per_epoch, 1)
-    rng = torch.get_rng_state()  # the same drop-path draws for both calls
-    losses, _ = forward_losses(t.model, batch, hp, cfg)
-    torch.set_rng_state(rng)
-    expected, _ = train_step(t, batch, hp, None, t.model.ema_pairs(), list(t.model.student.parameters()))
-    for name in ("total", "cls", "patch"):
-        assert torch.equal(getattr(losses, name), getattr(expected, name)), name
 
 
 def test_importing_the_package_never_imports_lightning():

@@ -370,9 +370,39 @@ def test_ibot_train_from_shards(even_shards: Path, tmp_path: Path, augment: str)
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["data_skipped"] == 0 and np.isfinite(r["loss"]) for r in records)
-    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
+    state = json.loads((run / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert state["data"]["batch"] == 3 and state["data"]["mode"] == "exact" and state["data"]["samples"] == 12
 
+
+
+def test_ibot_train_from_shards_stop_and_resume_equals_uninterrupted_run(
+        even_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the trainer and its DCP checkpoint (the stream's cursors live in meta.json): a run killed after
+    step 3 and resumed from its step-2 checkpoint logs exactly the losses of an uninterrupted run."""
+    import engine.train as train_module
+
+    def overrides(run: Path) -> list[str]:
+        return [*TINY_OVERRIDES, f"data.shards={even_shards}", "data.num_workers=2", "train.batch_size=4",
+                "train.steps=5", f"run.dir={run}", "checkpoint.every=2"]
+
+    assert cli_main(["train", *overrides(tmp_path / "a")]) == 0
+    inner, calls = train_module.train_step, {"n": 0}
+
+    def stop_after_3(*args, **kwargs):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return inner(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_step", stop_after_3)
+        with pytest.raises(KeyboardInterrupt):
+            cli_main(["train", *overrides(tmp_path / "b")])
+    assert cli_main(["train", *overrides(tmp_path / "b")]) == 0  # resumes from step 2, mid-epoch
+    keys = ("step", "loss", "loss_cls", "loss_patch", "grad_norm")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
 
 @pytest.mark.gpu
 def test_gpu_path_stream_on_cuda(even_shards: Path) -> None:
@@ -424,7 +454,7 @@ def test_torchrun_two_ranks_from_shards_checkpoints_every_cursor(even_shards: Pa
          *overrides], capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=True)["data"]
+    state = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())["data"]
     assert state["world_size"] == 2 and state["batch"] == 2 and state["samples"] == 2 * 3 * 2
     assert len(state["cursors"]) == 2 and all(len(c) == 2 and sum(c) == 6 for c in state["cursors"])
 

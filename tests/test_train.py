@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.step as step_module
 import engine.train as train_module
 from engine.checkpoint import Checkpointer, load_checkpoint
 from engine.config import load_config
@@ -73,7 +74,7 @@ def test_stop_and_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypa
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss = train_module.ibot_loss
+    real_loss = step_module.ibot_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -83,7 +84,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
             return out._replace(total=out.total * float("nan"))
         return out
 
-    monkeypatch.setattr(train_module, "ibot_loss", poisoned)
+    monkeypatch.setattr(step_module, "ibot_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at or before step 6.*step_00000004\b"):
         train(_cfg(tmp_path, "train.steps=10", "train.log_every=3", "checkpoint.every=2"))
     ckpt = Checkpointer(tmp_path)
@@ -137,3 +138,29 @@ def test_checkpoint_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_pat
 def test_training_options_run(tmp_path, options):
     last = train(_cfg(tmp_path, "train.steps=3", *options))
     assert last["step"] == 3 and torch.isfinite(torch.tensor(last["loss"]))
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_metadata_is_refused_not_executed(tmp_path):
+    """DCP's .metadata is a pickle: loading a checkpoint must not run the code a crafted one carries."""
+    import pickle
+
+    from engine.checkpoint import load_consolidated
+
+    train(_cfg(tmp_path, "train.steps=2", "checkpoint.every=2"))
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert load_consolidated(ckpt)["model"]  # the genuine index loads with the restricted unpickler
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(ValueError, match="not DCP metadata"):
+        load_consolidated(ckpt)
+    with pytest.raises(ValueError, match="not DCP metadata"):
+        train(_cfg(tmp_path, "train.steps=4"))  # resume goes through the same reader
+    assert not marker.exists()
