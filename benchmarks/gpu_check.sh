@@ -34,6 +34,10 @@ step kernel_bench 300 python -m benchmarks.kernels --out "$OUT/kernels_$(date +%
 step data_tests 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_gpu_aug.py tests/test_shards.py
 step data_bench 300 python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,4,8,16 --batches 10 \
     --out "$OUT/data_$(date +%Y%m).md"
+# 4. NCCL smoke (issue 5): 1 GPU, world size 1, FSDP2 + bf16, through torchrun and the real command line.
+step fsdp_smoke 180 torchrun --standalone --nproc-per-node=1 -m engine train --config launch/configs/demo_cpu.yaml \
+    distributed.strategy=fsdp precision=bf16 train.steps=30 train.log_every=10 checkpoint.every=30 \
+    run.dir=/tmp/gpu_check_fsdp_smoke  # logs to $OUT/fsdp_smoke.log; the run itself stays off $OUT (8 files max)
 
 echo
 printf '%-16s %6s %6s\n' step rc seconds

@@ -173,10 +173,15 @@ def dataset_features(backbone: torch.nn.Module, dataset: torch.utils.data.Datase
     total = len(dataset)  # type: ignore[arg-type]
     if total < world:
         raise ValueError(f"{total} images cannot be split over {world} ranks")
-    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, total, world))
+    # Every rank embeds the same number of images (the last one repeated where the split is uneven, then dropped),
+    # so every rank runs the same forwards: an FSDP-sharded teacher gathers its parameters in each of them.
+    per_rank, own = math.ceil(total / world), len(range(rank, total, world))
+    shard = dataset if world == 1 else torch.utils.data.Subset(
+        dataset, [min(i, total - 1) for i in range(rank, per_rank * world, world)])
     feats, labels = extract_features(backbone, shard, image_size=image_size, batch_size=batch_size, device=device,
                                      autocast_dtype=amp, features=features, normalize=normalize,
                                      num_workers=num_workers)
+    feats, labels = feats[:own], labels[:own]
     return gather_in_order(feats, total, device), gather_in_order(labels, total, device)
 
 

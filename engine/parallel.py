@@ -42,6 +42,11 @@ def check_strategy(cfg: Config, env: DistEnv) -> None:
     if strategy == "fsdp" and param_dtype_for(cfg.precision, env.device) == torch.float16:
         raise ValueError("precision=fp16 with distributed.strategy=fsdp is not supported yet; use precision=bf16 "
                          "(or fp32) with fsdp, or fp16 with ddp")
+    if strategy == "fsdp" and cfg.eval.knn_every:
+        # The sharded teacher's backbone is not an FSDP unit of its own (the root owns its embeddings), so it cannot
+        # be called alone for features; evaluate the checkpoints instead (`ibot eval knn` consolidates them).
+        raise ValueError("eval.knn_every with distributed.strategy=fsdp is not supported yet; use ddp, or run "
+                         "`ibot eval knn --checkpoint RUN_DIR` on the saved checkpoints")
     if strategy == "none" and env.world_size > 1:
         raise ValueError(
             f"distributed.strategy=none with WORLD_SIZE={env.world_size}; use distributed.strategy=ddp or fsdp"
