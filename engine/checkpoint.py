@@ -18,12 +18,15 @@ pointer stay intact. Loading uses `weights_only=True`: no arbitrary unpickling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # Sharded (DCP) checkpoints
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns at every save / load without a process group that it assumes one process: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
@@ -170,7 +181,8 @@ class ShardedCheckpointer(Checkpointer):
             self._pending = dcp.async_save(state, storage_writer=writer, process_group=self._group)
             self._pending_args = (tmp, final, meta)
         else:
-            dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
+            with _single_process_quiet():
+                dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
             if self._rank() == 0:
                 self._finalize(tmp, final, meta)
             self._barrier()  # nobody reads `latest` before it names this save
@@ -242,7 +254,8 @@ def load_sharded(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     try:
         reader = safe_reader(path)
         reader.read_metadata()  # fails here with a clear reason (DCP would wrap it in a per-rank exception)
-        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err
     return state
@@ -284,7 +297,8 @@ def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",))
             for key, md in metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata) and key.startswith(prefixes)
         }
-        dcp.load(template, storage_reader=reader, no_dist=True)
+        with _single_process_quiet():
+            dcp.load(template, storage_reader=reader, no_dist=True)
         meta = json.loads((path / META).read_text())
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {str(path)!r}: {err}") from err

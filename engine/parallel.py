@@ -17,6 +17,8 @@ ranks in one all-reduce, for both the global and the per-parameter (official) ru
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -72,6 +74,9 @@ def _fsdp_units(network: nn.Module, cfg: Config, env: DistEnv, *, teacher: bool)
     fully_shard(network, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
 
 
+_DDP_PARAMETERS = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+
+
 def apply_strategy(model: IBOT, cfg: Config, env: DistEnv) -> nn.Module:
     """Wrap / shard the student (and, for FSDP, the teacher) in place; returns the module to call for the
     student's forward (the DDP wrapper, or `model.student` itself)."""
@@ -82,10 +87,14 @@ def apply_strategy(model: IBOT, cfg: Config, env: DistEnv) -> nn.Module:
         _fsdp_units(model.teacher, cfg, env, teacher=True)
         return model.student
     if strategy == "ddp" and env.world_size > 1:
+        # The student has no buffers that change: no buffer sync before each forward (torch >= 2.13 names the
+        # option forward_sync_buffers and deprecates broadcast_buffers; older releases only know the latter).
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
+                          else {"broadcast_buffers": False})
         return nn.parallel.DistributedDataParallel(
             model.student,
             device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-            broadcast_buffers=False,  # the student has no buffers that change
+            **no_buffer_sync,
             bucket_cap_mb=cfg.distributed.bucket_cap_mb,
             gradient_as_bucket_view=True,
             find_unused_parameters=False,
