@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -184,14 +185,61 @@ def test_sharded_checkpoint_failing_mid_save_keeps_the_previous_one(tmp_path, mo
     assert torch.equal(load_consolidated(ckpt.latest())["model"]["w"], torch.zeros(100))
 
 
-def test_fsdp_with_fp16_is_refused_before_any_work():
-    from engine.config import load_config
-    from engine.distributed import DistEnv
-    from engine.parallel import check_strategy
+def _scaler_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """An FSDP2 model whose gradient overflows in rank 1's shard only: one scaler step, then its state."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-    cfg = load_config(None, ["distributed.strategy=fsdp", "precision=fp16"])
-    with pytest.raises(ValueError, match=r"precision=fp16 with distributed\.strategy=fsdp"):
-        check_strategy(cfg, DistEnv(0, 2, 0, torch.device("cpu")))
+        from engine.config import load_config
+        from engine.distributed import DistEnv
+        from engine.parallel import build_grad_scaler
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scaler = build_grad_scaler(load_config(None, ["distributed.strategy=fsdp", "precision=fp16"]),
+                                   DistEnv(rank, world, rank, torch.device("cpu")))
+        scaler._init_scale = 1024.0
+        before = [p.full_tensor().clone() for p in model.parameters()]
+        scaler.scale(model(torch.randn(4, 6)).square().mean()).backward()
+        if rank == 1:
+            model[0].weight.grad.to_local()[0, 0] = float("inf")  # an overflow only this rank's shard shows
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        changed = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters(), strict=True))
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"scale": scaler.get_scale(), "changed": changed}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fp16_scaler_under_fsdp_skips_an_overflow_seen_by_one_rank_on_every_rank(tmp_path):
+    """fp16 under FSDP2: an inf in one rank's gradient shard must make every rank skip the step and halve the scale
+    (else the ranks would backprop with different scales and update only some shards)."""
+    mp.start_processes(_scaler_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got == [{"scale": 512.0, "changed": False}] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fp16_fsdp_tracks_fp16_ddp_through_the_cli(tmp_path):
+    """precision=fp16 with FSDP2 (fp16 parameters, fp32 reduction) against DDP under fp16 autocast, 2 ranks each:
+    finite, and the same losses within fp16's precision."""
+    fp16 = ["train.batch_size=4", "precision=fp16", "checkpoint.every=0"]
+    _train(tmp_path / "ddp", *fp16, "distributed.strategy=ddp", nproc=2)
+    _train(tmp_path / "fsdp", *fp16, "distributed.strategy=fsdp", nproc=2)
+    ddp, fsdp = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
+    for a, b in zip(fsdp, ddp, strict=True):  # grad_norm is inf / nan on the steps the scaler skips: not compared
+        for key in ("loss", "loss_cls", "loss_patch"):
+            assert math.isfinite(a[key]) and abs(a[key] - b[key]) <= 2e-2 * abs(b[key]), (a["step"], key)
+    assert any(math.isfinite(r["grad_norm"]) for r in fsdp)  # not every step skipped: the scale came down
 
 
 def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
