@@ -11,11 +11,13 @@ result. `KnnEvaluator` is the same k-NN inside training (`eval.knn_every`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import math
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,21 @@ def knn_eval(backbone: torch.nn.Module, cfg: Config, train_spec: str, val_spec: 
             "val": val_spec, "num_train": len(feats["train"][1]), "num_val": len(feats["val"][1])}
 
 
+@contextlib.contextmanager
+def _unsharded_root(network: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2 the teacher network is the root unit and owns the backbone's embeddings and final norm (each block
+    is its own unit and gathers itself in its forward): gather the root's parameters around a backbone-only pass."""
+    unshard = getattr(network, "unshard", None)  # FSDPModule
+    if unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        network.reshard()
+
+
 class KnnEvaluator:
     """k-NN of the teacher during training (`eval.knn_every`): datasets built once, at the start of the run, so a
     bad `eval.train` / `eval.val` fails before the first step."""
@@ -213,8 +230,13 @@ class KnnEvaluator:
         train_spec, val_spec = default_specs(cfg, cfg.eval.train or None, cfg.eval.val or None)
         self.datasets = {"train": build_eval_dataset(train_spec, cfg), "val": build_eval_dataset(val_spec, cfg)}
 
-    def __call__(self, backbone: torch.nn.Module, env: DistEnv) -> dict[str, float]:
-        """`{"knn_top1": %, "knn_top5": %}`; every rank takes part (collectives) and gets the result."""
+    def __call__(self, teacher: torch.nn.Module, env: DistEnv) -> dict[str, float]:
+        """`{"knn_top1": %, "knn_top5": %}` of the teacher's backbone; every rank takes part (collectives) and gets
+        the result."""
+        with _unsharded_root(teacher):
+            return self._knn(teacher.backbone, env)
+
+    def _knn(self, backbone: torch.nn.Module, env: DistEnv) -> dict[str, float]:
         c = self.cfg.eval
         amp = autocast_dtype(self.cfg.precision, env.device)
         # The DataLoader draws its base seed from the global RNG: keep training's RNG stream as it was.

@@ -41,11 +41,6 @@ def param_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
 
 def check_strategy(cfg: Config, env: DistEnv) -> None:
     strategy = cfg.distributed.strategy
-    if strategy == "fsdp" and cfg.eval.knn_every:
-        # The sharded teacher's backbone is not an FSDP unit of its own (the root owns its embeddings), so it cannot
-        # be called alone for features; evaluate the checkpoints instead (`ibot eval knn` consolidates them).
-        raise ValueError("eval.knn_every with distributed.strategy=fsdp is not supported yet; use ddp, or run "
-                         "`ibot eval knn --checkpoint RUN_DIR` on the saved checkpoints")
     if strategy == "none" and env.world_size > 1:
         raise ValueError(
             f"distributed.strategy=none with WORLD_SIZE={env.world_size}; use distributed.strategy=ddp or fsdp"

@@ -236,7 +236,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                     "data_skipped": data_skipped,
                 }
                 if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
-                    last.update(knn_evaluator(t.model.teacher.backbone, env))
+                    last.update(knn_evaluator(t.model.teacher, env))
                 per_step = (now - run_start) / max(t.step - run_start_step, 1)
                 metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
                 if cfg.distributed.log_all_ranks and not env.is_main:  # launcher checks: every rank's view

@@ -226,14 +226,3 @@ def test_knn_every_needs_held_out_folders_for_folder_data(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.train"):
         load_config(None, [f"data.path={tmp_path}", "eval.knn_every=10"])
 
-
-def test_knn_every_with_fsdp_is_refused_before_training(tmp_path):
-    """The FSDP-sharded teacher backbone cannot be called alone: a clear error, before any step."""
-    from engine.distributed import DistEnv
-    from engine.parallel import check_strategy
-
-    cfg = load_config(None, [*TINY_OVERRIDES, "distributed.strategy=fsdp", "eval.knn_every=5", f"run.dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"eval\.knn_every with distributed\.strategy=fsdp"):
-        check_strategy(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    check_strategy(load_config(None, [*TINY_OVERRIDES, "distributed.strategy=fsdp"]),
-                   DistEnv(0, 1, 0, torch.device("cpu")))  # without k-NN during training: fine
