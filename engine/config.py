@@ -45,7 +45,11 @@ class TrainConfig:
     seed: int = 0
     """Seeds the model init, the augmentations (per sample) and the masks."""
     compile: bool = False
-    """torch.compile each transformer block (regional compile)."""
+    """torch.compile each transformer block (regional compile, after activation checkpointing and before the
+    DDP / FSDP2 wrap, as torchtitan orders it)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Student blocks: full recomputes each block in the backward (least memory); selective keeps matmul and
+    attention outputs and recomputes the elementwise ops (LayerNorm, GELU, residuals); none keeps everything."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (slower; bit-reproducible kernels where they exist)."""
 
@@ -69,6 +73,19 @@ class ModelConfig:
     head_layers: int = 3
     norm_last_layer: bool = False
     """Freeze the weight-norm gain of the head's last layer at 1 (official: False for ViT-S, True for ViT-B)."""
+    attention: Literal["sdpa", "xformers", "flex"] = "sdpa"
+    """Attention kernel: sdpa (PyTorch picks cuDNN / Flash / memory-efficient), xformers (optional extra, CUDA
+    only), flex (FlexAttention, compiled on CUDA; no CPU backward). See engine/model/attention.py."""
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    """attention=sdpa: force one SDPA kernel (experiments); auto lets PyTorch choose per call."""
+    pack_crops: bool = False
+    """Student: run global and local crops through the blocks as one packed token sequence (one launch per
+    token-wise op instead of one per resolution); attention stays within each crop."""
+    drop_path_impl: Literal["mask", "subset"] = "mask"
+    """mask: the official per-sample Bernoulli mask on the residual branch; subset: compute the branch only for a
+    fixed-size random subset of samples, scaled up (DINOv2's efficient form; not with pack_crops)."""
+    norm_impl: Literal["torch", "apex"] = "torch"
+    """LayerNorm kernel: torch, or NVIDIA apex's FusedLayerNorm when apex is installed (else torch, said once)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,6 +171,9 @@ class OptimConfig:
     """Drop the head's last-layer gradients during this many first epochs."""
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
+    impl: Literal["torch", "apex"] = "torch"
+    """torch: fused AdamW; apex: NVIDIA apex FusedAdam (adam_w_mode) when apex is installed (else torch, said once).
+    The PyPI package named `apex` is an unrelated web toolkit: it is detected and ignored."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -395,6 +415,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError("config keys 'eval.train' and 'eval.val' (labelled folders or shards) are needed for "
                           f"eval.knn_every={cfg.eval.knn_every} when data.path is not a built-in dataset")
     positive("distributed.bucket_cap_mb", cfg.distributed.bucket_cap_mb)
+    if cfg.model.drop_path_impl == "subset" and cfg.model.pack_crops:
+        raise ConfigError("config key 'model.drop_path_impl' = subset works on unpacked crops only; with "
+                          "model.pack_crops=true use model.drop_path_impl=mask")
+    if cfg.model.sdpa_backend != "auto" and cfg.model.attention != "sdpa":
+        raise ConfigError(f"config key 'model.sdpa_backend' = {cfg.model.sdpa_backend} needs model.attention=sdpa, "
+                          f"got model.attention={cfg.model.attention}")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from engine.accel import apex_usable, fused_adam
 from engine.config import OptimConfig
 
 
@@ -31,7 +32,9 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.impl == "apex" and apex_usable("optim.impl", device):
+        return fused_adam(param_groups(model), cfg.betas)  # NVIDIA apex FusedAdam, AdamW mode
     # fused AdamW: one kernel for all parameters on CUDA (and a vectorised CPU kernel); foreach elsewhere.
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model), lr=0.0, betas=cfg.betas, weight_decay=0.0, fused=fused)

@@ -25,6 +25,7 @@ from engine.config import Config, config_to_dict, save_config
 from engine.data.loader import Batch, build_data_stream
 from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
 from engine.logging import MetricLogger, setup_logging
+from engine.model.attention import check_attention
 from engine.model.ibot import IBOT
 from engine.objective import IBOTLoss
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
@@ -92,6 +93,7 @@ def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     check_strategy(cfg, env)
+    check_attention(cfg.model.attention, cfg.model.sdpa_backend, env.device)  # before the data and the model
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -100,10 +102,11 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
         rank=env.rank, world_size=env.world_size, device=env.device,
     )
     model = IBOT(cfg.model, cfg.loss).to(env.device)
-    if cfg.train.compile:  # per block, before DDP / FSDP2 wrap them (torchtitan's order)
-        for block in model.student.backbone.blocks:
-            block.compile()
-        for block in model.teacher.backbone.blocks:
+    # torchtitan's order: activation checkpointing, then per-block compile, then the DDP / FSDP2 wrap.
+    for block in model.student.backbone.blocks:
+        block.checkpointing = cfg.train.activation_checkpointing  # the teacher runs without grad: nothing to save
+    if cfg.train.compile:
+        for block in [*model.student.backbone.blocks, *model.teacher.backbone.blocks]:
             block.compile()
     student = apply_strategy(model, cfg, env)  # engine/parallel.py: none, DDP or FSDP2 (teacher too)
     optimizer = build_optimizer(model.student, cfg.optim, env.device)

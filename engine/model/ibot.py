@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from engine.accel import norm_layer
 from engine.config import LossConfig, ModelConfig
 from engine.model.head import IBOTHead
 from engine.model.vit import VisionTransformer
@@ -47,7 +48,12 @@ class IBOTNetwork(nn.Module):
             drop_path=cfg.drop_path if student else 0.0,
             layerscale=cfg.layerscale,
             mask_token=student,
+            attention=cfg.attention,
+            sdpa_backend=cfg.sdpa_backend,
+            drop_path_impl=cfg.drop_path_impl,
+            norm_layer=norm_layer(cfg.norm_impl),
         )
+        self.pack_crops = cfg.pack_crops and student
         self.head = IBOTHead(
             self.backbone.embed_dim,
             cfg.out_dim,
@@ -66,10 +72,15 @@ class IBOTNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Logits of the cls tokens [(G+L)*B, K] and of the patch tokens picked by `mask_indices` [M, K]
         (every patch token of the global crops when `mask_indices` is None)."""
-        tokens_g = self.backbone(global_crops, masks)  # [G*B, 1+N, D]
+        has_local = local_crops is not None and local_crops.shape[0] > 0
+        if self.pack_crops and has_local:  # one pass of packed tokens for both resolutions
+            tokens_g, tokens_l = self.backbone.forward_packed([(global_crops, masks), (local_crops, None)])
+        else:
+            tokens_g = self.backbone(global_crops, masks)  # [G*B, 1+N, D]
+            tokens_l = self.backbone(local_crops) if has_local else None
         cls = [tokens_g[:, 0]]
-        if local_crops is not None and local_crops.shape[0] > 0:
-            cls.append(self.backbone(local_crops)[:, 0])
+        if tokens_l is not None:
+            cls.append(tokens_l[:, 0])
         patches = tokens_g[:, 1:].reshape(-1, tokens_g.shape[-1])
         if mask_indices is not None:
             patches = patches.index_select(0, mask_indices)

@@ -2,7 +2,11 @@
 
 Pre-norm ViT as in the official iBOT / DINO code: conv patch embedding, learned absolute position embedding
 (bicubic-resampled for other grids), a cls token, `depth` blocks, final LayerNorm (eps 1e-6), qkv bias.
-Attention goes through `F.scaled_dot_product_attention` (never an explicit softmax(QK^T)).
+Attention goes through `engine.model.attention` (SDPA by default, xformers or FlexAttention; never an explicit
+softmax(QK^T)); `forward_packed` runs crops of several resolutions as one packed token sequence.
+
+Per block, optionally: activation checkpointing (full, or selective: matmul and attention outputs saved,
+elementwise ops recomputed) and stochastic depth computed only for the kept samples (`drop_path_impl=subset`).
 
 Masking (spec A.1, pitfall 2): masked patch embeddings are replaced by the learned mask token *before* the
 position embedding is added, so masked tokens keep their position; the cls token is never masked. Only the
@@ -13,11 +17,14 @@ Shapes: B images, N patches (h * w), D embed dim, T = 1 + N tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from engine.model.attention import Packing, attend, make_packing
 
 
 @dataclass(frozen=True)
@@ -37,17 +44,20 @@ ARCHS = {
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, backend: str = "sdpa", sdpa_backend: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.backend, self.sdpa_backend = backend, sdpa_backend
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        B, T, D = x_BTD.shape
-        qkv = self.qkv(x_BTD).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # flash / cuDNN / efficient: no T x T matrix
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
+        """x [B, T, D] (or packed [S, D] with `packing`) -> same shape."""
+        return self.proj(attend(self.qkv(x), self.num_heads, self.backend, self.sdpa_backend, packing))
+
+
+def default_norm(dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=1e-6)
 
 
 class Mlp(nn.Module):
@@ -70,28 +80,112 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def drop_path(x_BTD: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: zero the residual branch of whole samples with probability p, rescale the rest."""
+def drop_path(x_BTD: Tensor, p: float, training: bool, packing: Packing | None = None) -> Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability p, rescale the rest.
+
+    Packed input [S, D]: one draw per sequence, spread over its tokens with `packing.sample`.
+    """
     if p == 0.0 or not training:
         return x_BTD
+    if packing is not None:
+        keep = x_BTD.new_empty(packing.num_sequences).bernoulli_(1.0 - p).div_(1.0 - p)
+        return x_BTD * keep[packing.sample].unsqueeze(-1)
     keep = x_BTD.new_empty(x_BTD.shape[0], 1, 1).bernoulli_(1.0 - p)
     return x_BTD * keep.div_(1.0 - p)
 
 
+def drop_add_subset(x_BTD: Tensor, branch: Callable[[Tensor], Tensor], p: float) -> Tensor:
+    """x + drop_path(branch(x)), computing the branch only for the kept samples (DINOv2's efficient form).
+
+    A fixed number of samples, max(int(B * (1 - p)), 1), is kept (uniformly without replacement) and their
+    branch output is scaled by B / kept, so the expectation equals the branch's; the dropped samples cost nothing.
+    The count is static, so compiled blocks see no dynamic shapes.
+    """
+    B = x_BTD.shape[0]
+    kept = max(int(B * (1.0 - p)), 1)
+    index = torch.randperm(B, device=x_BTD.device)[:kept]
+    out = branch(x_BTD.index_select(0, index))
+    return torch.index_add(x_BTD, 0, index, out.to(x_BTD.dtype), alpha=B / kept)
+
+
+# Activation checkpointing policy "selective": keep the outputs of matmuls and attention (expensive to recompute),
+# recompute the cheap, memory-heavy elementwise ops (LayerNorm, GELU, residual adds, drop-path) in the backward.
+_SAC_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _checkpoint_kwargs() -> dict:
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    # torch >= 2.14: tensors saved by a selective region go through saved-tensor hooks (save_on_cpu, our tests)
+    # like any other saved tensor; older versions bypass them and do not know the argument.
+    known = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    return {"respect_saved_tensors_hooks": True} if known else {}
+
+
+_CHECKPOINT_KWARGS = _checkpoint_kwargs()
+
+
+def _sac_policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN202  (torch.utils.checkpoint's policy signature)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():  # noqa: ANN202
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_sac_policy)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, layerscale: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, layerscale: float, *,
+                 attention: str = "sdpa", sdpa_backend: str = "auto", drop_path_impl: str = "mask",
+                 norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        norm_layer = norm_layer or default_norm
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, attention, sdpa_backend)
         self.ls1 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
         self.drop_path = drop_path
+        self.drop_path_impl = drop_path_impl
+        self.checkpointing = "none"  # none | full | selective, set by `set_activation_checkpointing`
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        x_BTD = x_BTD + drop_path(self.ls1(self.attn(self.norm1(x_BTD))), self.drop_path, self.training)
-        return x_BTD + drop_path(self.ls2(self.mlp(self.norm2(x_BTD))), self.drop_path, self.training)
+    def _attn_branch(self, x: Tensor, packing: Packing | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), packing))
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def _forward(self, x: Tensor, packing: Packing | None) -> Tensor:
+        if self.training and self.drop_path > 0 and self.drop_path_impl == "subset" and packing is None:
+            x = drop_add_subset(x, self._attn_branch, self.drop_path)
+            return drop_add_subset(x, self._mlp_branch, self.drop_path)
+        x = x + drop_path(self._attn_branch(x, packing), self.drop_path, self.training, packing)
+        return x + drop_path(self._mlp_branch(x), self.drop_path, self.training, packing)
+
+    def forward(self, x_BTD: Tensor, packing: Packing | None = None) -> Tensor:
+        """x [B, T, D], or the packed [S, D] tokens of several resolutions with `packing`."""
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self._forward(x_BTD, packing)
+        from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+        context_fn = _selective_context if self.checkpointing == "selective" else noop_context_fn
+        # preserve_rng_state: the recomputation draws the same drop-path masks as the forward did.
+        return checkpoint(self._forward, x_BTD, packing, use_reentrant=False, context_fn=context_fn,
+                          preserve_rng_state=True, **_CHECKPOINT_KWARGS)
 
 
 class VisionTransformer(nn.Module):
@@ -105,6 +199,10 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
         layerscale: float = 0.0,
         mask_token: bool = False,
+        attention: str = "sdpa",
+        sdpa_backend: str = "auto",
+        drop_path_impl: str = "mask",
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -119,8 +217,13 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim)) if mask_token else None
         # Linear stochastic-depth schedule over depth (on the CPU, so the model can be built on the meta device).
         rates = torch.linspace(0, drop_path, a.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(Block(a.embed_dim, a.num_heads, a.mlp_ratio, r, layerscale) for r in rates)
-        self.norm = nn.LayerNorm(a.embed_dim, eps=1e-6)
+        self.attention = attention
+        self.blocks = nn.ModuleList(
+            Block(a.embed_dim, a.num_heads, a.mlp_ratio, r, layerscale, attention=attention,
+                  sdpa_backend=sdpa_backend, drop_path_impl=drop_path_impl, norm_layer=norm_layer)
+            for r in rates
+        )
+        self.norm = (norm_layer or default_norm)(a.embed_dim)
         self._resample_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.init_weights()
 
@@ -131,7 +234,7 @@ class VisionTransformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, nn.LayerNorm) or type(m).__name__ == "FusedLayerNorm":
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -174,3 +277,18 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x_BTD = block(x_BTD)
         return self.norm(x_BTD)
+
+    def forward_packed(self, inputs: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+        """`forward` of several batches of crops (e.g. global and local sizes) in one pass of packed tokens.
+
+        inputs: (images [B_i, 3, H_i, W_i], masks [B_i, h_i, w_i] or None) per resolution group. Returns the tokens
+        [B_i, 1 + N_i, D] of each group, as `forward` would (see `engine.model.attention` for the packing).
+        """
+        tokens = [self.prepare_tokens(images, masks) for images, masks in inputs]
+        groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        packing = make_packing(groups, self.attention, tokens[0].device)
+        x_SD = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
+        for block in self.blocks:
+            x_SD = block(x_SD, packing)
+        x_SD = self.norm(x_SD)
+        return [part.reshape(n, T, -1) for part, (n, T) in zip(x_SD.split([n * T for n, T in groups]), groups)]
