@@ -110,7 +110,7 @@ def device_slug(device: str) -> str:
     return words[0] if words else "gpu"
 
 
-def environment(device: str) -> dict[str, str]:
+def environment(device: str, script: str = "benchmarks.kernels") -> dict[str, str]:
     try:
         import triton
 
@@ -124,7 +124,7 @@ def environment(device: str) -> dict[str, str]:
         "triton": triton_version,
         "python": platform.python_version(),
         "git": git_sha(),
-        "command": " ".join(["python -m benchmarks.kernels", *sys.argv[1:]]),
+        "command": " ".join([f"python -m {script}", *sys.argv[1:]]),
     }
     if device == "cuda":
         env["cuda"] = str(torch.version.cuda)

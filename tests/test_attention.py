@@ -155,3 +155,14 @@ def test_student_network_with_packed_crops_equals_unpacked():
         return cls.detach(), patch.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 
     _assert_close(run(True), run(False), rel=1e-4)
+
+
+def test_attention_benchmark_smoke_run_writes_its_report(tmp_path):
+    """`python -m benchmarks.attention --device cpu --quick` runs every CPU-capable row and names the fastest."""
+    from benchmarks.attention import main
+
+    out = tmp_path / "attention.md"
+    main(["--device", "cpu", "--quick", "--no-compile", "--out", str(out)])
+    text = out.read_text()
+    assert "| vit_tiny | sdpa:math |" in text and "| vit_tiny | sdpa packed |" in text
+    assert "FlexAttention has no CPU backward" in text and "fastest for vit_tiny" in text
