@@ -47,6 +47,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block (regional compile, after activation checkpointing and before the
     DDP / FSDP2 wrap, as torchtitan orders it)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of the blocks; reduce-overhead replays each block as a CUDA graph (fewer launches)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Student blocks: full recomputes each block in the backward (least memory); selective keeps matmul and
     attention outputs and recomputes the elementwise ops (LayerNorm, GELU, residuals); none keeps everything."""

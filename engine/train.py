@@ -107,7 +107,12 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
         block.checkpointing = cfg.train.activation_checkpointing  # the teacher runs without grad: nothing to save
     if cfg.train.compile:
         for block in [*model.student.backbone.blocks, *model.teacher.backbone.blocks]:
-            block.compile()
+            block.compile(mode=cfg.train.compile_mode)
+        # The heads see cls rows plus this step's masked tokens, a count that changes every step: one graph with a
+        # symbolic row count serves every step (no recompiles). Padding to a static bound instead would run the
+        # head on ~3x the mean masked count (official masks: up to ratio_max of every crop, mean ~0.15).
+        model.student.head.compile(dynamic=True)
+        model.teacher.head.compile(dynamic=True)
     student = apply_strategy(model, cfg, env)  # engine/parallel.py: none, DDP or FSDP2 (teacher too)
     optimizer = build_optimizer(model.student, cfg.optim, env.device)
     scaler = build_grad_scaler(cfg, env)
