@@ -20,9 +20,9 @@ What comes from the config and what from the Trainer:
   Trainer there (`max_steps` may stop it earlier). Gradient clipping is the config's: `Trainer(gradient_clip_val=...)`
   is refused. Gradient accumulation is refused (centres and schedules are per optimizer step).
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
-  The objective and the centres are fp32 in every mode. Nor are `train.compile` (compile the blocks of
-  `module.model.student.backbone` / `.teacher.backbone` yourself: `block.compile()`) and `train.deterministic`
-  (`Trainer(deterministic=True)`) applied by the module.
+  The objective and the centres are fp32 in every mode. `train.compile` and `train.activation_checkpointing` are
+  applied as in our loop (`engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
+  (`Trainer(deterministic=True)`).
 * No SyncBatchNorm: a ViT has no batch norm (LayerNorm normalises each token on its own), so `sync_batchnorm=True`
   changes nothing. The only cross-rank batch statistics of iBOT, the centres (or the Sinkhorn-Knopp sums), are
   all-reduced here explicitly.
@@ -51,7 +51,7 @@ from engine.config import Config, config_from_dict, config_to_dict
 from engine.data.dataloader import build_train_loader
 from engine.data.loader import Batch
 from engine.distributed import all_reduce_sum
-from engine.model.ibot import IBOT, TeacherOutput
+from engine.model.ibot import IBOT, TeacherOutput, apply_train_options
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.schedules import Hyperparams, hyperparams_at
 from engine.step import forward_losses
@@ -78,6 +78,7 @@ class IBOTLightningModule(L.LightningModule):
         self.save_hyperparameters({"cfg": config_to_dict(self.cfg)})  # load_from_checkpoint rebuilds from the dict
         torch.manual_seed(self.cfg.train.seed)  # as our loop: the seed fixes the init, then drop-path draws follow
         self.model = IBOT(self.cfg.model, self.cfg.loss)
+        apply_train_options(self.model, self.cfg.train)  # before Lightning's DDP / FSDP wrap
         # Lightning's DDP strategy re-seeds each process when it starts (reset_seed, after seed_everything), which
         # would restart the stream the init has advanced; on_train_start puts it back, as our loop continues it.
         self._rng_after_init: Tensor | None = torch.get_rng_state()

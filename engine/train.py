@@ -26,7 +26,7 @@ from engine.data.loader import Batch, build_data_stream
 from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
 from engine.logging import MetricLogger, setup_logging
 from engine.model.attention import check_attention
-from engine.model.ibot import IBOT
+from engine.model.ibot import IBOT, apply_train_options
 from engine.objective import IBOTLoss
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.parallel import apply_strategy, build_grad_scaler, check_strategy, clip_sharded_gradients_
@@ -102,17 +102,7 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
         rank=env.rank, world_size=env.world_size, device=env.device,
     )
     model = IBOT(cfg.model, cfg.loss).to(env.device)
-    # torchtitan's order: activation checkpointing, then per-block compile, then the DDP / FSDP2 wrap.
-    for block in model.student.backbone.blocks:
-        block.checkpointing = cfg.train.activation_checkpointing  # the teacher runs without grad: nothing to save
-    if cfg.train.compile:
-        for block in [*model.student.backbone.blocks, *model.teacher.backbone.blocks]:
-            block.compile(mode=cfg.train.compile_mode)
-        # The heads see cls rows plus this step's masked tokens, a count that changes every step: one graph with a
-        # symbolic row count serves every step (no recompiles). Padding to a static bound instead would run the
-        # head on ~3x the mean masked count (official masks: up to ratio_max of every crop, mean ~0.15).
-        model.student.head.compile(dynamic=True)
-        model.teacher.head.compile(dynamic=True)
+    apply_train_options(model, cfg.train)  # activation checkpointing, compile: before the DDP / FSDP2 wrap
     student = apply_strategy(model, cfg, env)  # engine/parallel.py: none, DDP or FSDP2 (teacher too)
     optimizer = build_optimizer(model.student, cfg.optim, env.device)
     scaler = build_grad_scaler(cfg, env)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.accel import norm_layer
-from engine.config import LossConfig, ModelConfig
+from engine.config import LossConfig, ModelConfig, TrainConfig
 from engine.model.head import IBOTHead
 from engine.model.vit import VisionTransformer
 from engine.objective import AllReduce, update_centers_
@@ -137,3 +137,17 @@ class IBOT(nn.Module):
         teacher, student = pairs if pairs is not None else self.ema_pairs()
         ema_update_(teacher, student, momentum)
 
+
+def apply_train_options(model: IBOT, train_cfg: TrainConfig) -> None:
+    """Activation checkpointing, then per-block (and head) compile, in place: before any DDP / FSDP2 wrap, which is
+    torchtitan's order. Our loop and the Lightning module both call this."""
+    for block in model.student.backbone.blocks:
+        block.checkpointing = train_cfg.activation_checkpointing  # the teacher runs without grad: nothing to save
+    if train_cfg.compile:
+        for block in [*model.student.backbone.blocks, *model.teacher.backbone.blocks]:
+            block.compile(mode=train_cfg.compile_mode)
+        # The heads see cls rows plus this step's masked tokens, a count that changes every step: one graph with a
+        # symbolic row count serves every step (no recompiles). Padding to a static bound instead would run the
+        # head on ~3x the mean masked count (official masks: up to ratio_max of every crop, mean ~0.15).
+        model.student.head.compile(dynamic=True)
+        model.teacher.head.compile(dynamic=True)
