@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import resource
 import shlex
@@ -258,10 +259,11 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gib(device: torch.device) -> tuple[float, str]:
-    """(GiB, what it is): CUDA max_memory_allocated since the last reset, or the process's peak RSS on CPU."""
+def peak_memory_gib(device: torch.device, baseline_bytes: int = 0) -> tuple[float, str]:
+    """(GiB, what it is): CUDA max_memory_allocated since the last reset minus `baseline_bytes` (memory held by
+    something else, e.g. our run before the peer's), or the process's peak RSS on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max_memory_allocated"
+        return (torch.cuda.max_memory_allocated(device) - baseline_bytes) / 2**30, "CUDA max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "CPU peak RSS of the whole process"
 
 
@@ -507,6 +509,9 @@ def bench_main(args: Any, cfg: Config) -> Path | None:
         raise BenchSetupError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} / {args.warmup}")
     if args.max_batch is not None and args.max_batch < 1:
         raise BenchSetupError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.find_max_batch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BenchSetupError("--find-max-batch runs in one process (ranks would run out of memory at different "
+                              "tries); run it without torchrun")
     peer = None
     if args.compare == "lightly":
         from engine.bench_lightly import require_lightly
@@ -531,9 +536,10 @@ def bench_main(args: Any, cfg: Config) -> Path | None:
         if args.compare == "lightly":
             from engine.bench_lightly import LightlyStep
 
+            baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             peer = LightlyStep(cfg, device, batch_size=cfg.train.batch_size, amp_dtype=autocast_dtype(
                 cfg.precision, device), num_batches=args.num_batches)
-            rows.append(peer.bench(steps=args.steps, warmup=args.warmup, peak=peak))
+            rows.append(peer.bench(steps=args.steps, warmup=args.warmup, peak=peak, baseline_bytes=baseline))
             if args.find_max_batch:
                 extra["largest_batch_lightly"] = find_max_batch(peer.batch_trier(), cfg.train.batch_size,
                                                                 args.max_batch)

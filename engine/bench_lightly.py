@@ -162,11 +162,12 @@ class LightlyStep:
         self.step(self.inputs[i % len(self.inputs)])
         return 0.0  # inputs are already on the device: no data wait
 
-    def bench(self, *, steps: int, warmup: int, peak: float | None) -> BenchRow:
+    def bench(self, *, steps: int, warmup: int, peak: float | None, baseline_bytes: int = 0) -> BenchRow:
         flops = count_flops(lambda: self.run(0))
         reset_peak_memory(self.device)
         times = time_steps(self.run, steps=steps, warmup=warmup, device=self.device)
-        memory = peak_memory_gib(self.device) if self.device.type == "cuda" else None  # CPU RSS: shared, n/a
+        # On CPU the peak RSS is the whole process's, ours included: not reported for the peer.
+        memory = peak_memory_gib(self.device, baseline_bytes) if self.device.type == "cuda" else None
         return make_row("lightly 1.6 (best form)", self.batch_size, times, flops, peak, memory)
 
     def batch_trier(self, steps: int = 2) -> Callable[[int], Any]:
