@@ -9,6 +9,9 @@ python -m pip download -q --only-binary=:all: --python-version 3.12 --platform m
     --implementation cp -d gpu_carry/wheels \
     pytest pluggy iniconfig packaging pytest-timeout webdataset braceexpand pyyaml rich markdown-it-py mdurl \
     pygments safetensors
+# lightly for `ibot bench --compare lightly` (benchmarks/gpu_bench.sh): pure Python; its lightly.loss / lightly.models
+# imports need none of its declared dependencies beyond torch, torchvision and timm, so it travels --no-deps.
+python -m pip download -q --no-deps --only-binary=:all: -d gpu_carry/wheels "lightly==1.6.0"
 du -sh gpu_carry
 
 # Realistic JPEG shards for the data benchmark (benchmarks/make_shards.py reads scikit-image's bundled photographs;

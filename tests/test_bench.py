@@ -58,6 +58,16 @@ def test_bench_writes_report_and_finds_max_batch(tmp_path):
     assert data["largest_batch_ibot_engine"] == 3  # nothing runs out of memory on CPU: the cap
 
 
+def test_bench_data_stream_measures_data_wait(tmp_path):
+    out = tmp_path / "data.md"
+    assert main(["bench", "--config", DEMO, *TINY, "data.num_workers=0", "data.builtin_size=16", "--data",
+                 "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["data"].startswith("configured data stream")
+    # Decoding and augmenting in this process (0 workers) takes measurable time before every step.
+    assert 0 < data["rows"][0]["data_wait_share"] < 1
+
+
 def _analytic_step_flops(cfg, num_masked: int) -> int:
     """Matmul FLOPs of one iBOT step written out from the model's definition (FlopCounterMode's conventions:
     2 FLOPs per multiply-add, SDPA backward = 5 score-sized matmuls, no gradient for the input images)."""
