@@ -23,6 +23,9 @@ card's dense peak for the autocast dtype (`PEAK_TFLOPS`, or `--peak-tflops`); n/
 doubling from `train.batch_size` then bisection (`find_max_batch`, pure search over a "try batch b" callable);
 `--max-batch` caps it (needed on CPU, where nothing runs out of memory).
 
+Under torchrun (`distributed.strategy=ddp|fsdp`) every rank runs the harness and reports its own img/s; rank 0
+writes the report. `--find-max-batch` is single-process only.
+
 `StepHarness` is shared with `ibot profile` (engine/profile.py).
 """
 
@@ -397,6 +400,9 @@ def harness_batch_trier(h: StepHarness, steps: int = 2) -> Callable[[int], None]
         finally:
             batches = None
             h.trainer.optimizer.zero_grad(set_to_none=True)
+            states = getattr(h.trainer.scaler, "_per_optimizer_states", None)
+            if h.trainer.scaler.is_enabled() and states is not None:
+                states.clear()  # fp16: a step cut short by OOM leaves the scaler mid-step ("already unscaled")
             free_device_memory(h.env.device)
 
     return try_batch

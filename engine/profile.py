@@ -205,8 +205,9 @@ def profile_main(args: Any, cfg: Config) -> Path:
                 run(1 + i)
                 prof.step()
         notes = [f"categories: {', '.join(CATEGORIES)} (engine.profile.classify on kernel / op names and the "
-                 "enclosing ranges ibot.data, ibot.ema, optimizer step); the self time of the ibot.step range is "
-                 "host time between ops (Python, dispatch)"]
+                 "enclosing ranges ibot.data, ibot.ema, optimizer step)"]
+        if not cuda:
+            notes.append("the self CPU time of the ibot.step range is host time between ops (Python, dispatch)")
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.memory._dump_snapshot(str(out / "memory_snapshot.pickle"))
