@@ -219,3 +219,50 @@ def test_profile_writes_traces_and_summary(tmp_path):
 ])
 def test_classify(name, context, expected):
     assert classify(name, context) == expected
+
+
+def _event(id_, name, device_type, parent=None, us=0.0, linked=0, annotation=False, self_cpu=0.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=id_, name=name, device_type=device_type, cpu_parent=parent, is_async=False,
+                           linked_correlation_id=linked, is_user_annotation=annotation,
+                           self_cpu_time_total=self_cpu, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+
+def test_kernel_times_device_branch_uses_launch_context():
+    """The CUDA branch of the table (no GPU here): kernels take their launching op's ranges as context, and the
+    GPU-timeline copies of record_function ranges are not counted as kernels."""
+    from torch.autograd import DeviceType
+
+    from engine.profile import kernel_times
+
+    step = _event(1, "ibot.step", DeviceType.CPU)
+    ema = _event(2, "ibot.ema", DeviceType.CPU, parent=step)
+    lerp = _event(3, "aten::_foreach_lerp_", DeviceType.CPU, parent=ema)
+    opt = _event(4, "Optimizer.step#AdamW.step", DeviceType.CPU, parent=step)
+    adam = _event(5, "aten::_fused_adamw_", DeviceType.CPU, parent=opt)
+    events = [step, ema, lerp, opt, adam,
+              _event(10, "void at::native::multi_tensor_apply_kernel<TernaryOpScalarFunctor>", DeviceType.CUDA,
+                     us=30.0, linked=3),
+              _event(11, "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", DeviceType.CUDA,
+                     us=50.0, linked=5),
+              _event(12, "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", DeviceType.CUDA,
+                     us=50.0, linked=5),
+              _event(13, "ibot.step", DeviceType.CUDA, us=1000.0, annotation=True)]
+    rows = {(r.name.split("<")[1].rstrip(">"), r.category): (r.calls, r.time_us) for r in kernel_times(events, True)}
+    assert rows == {("TernaryOpScalarFunctor", "ema"): (1, 30.0), ("FusedAdamMathFunctor", "optimizer"): (2, 100.0)}
+
+
+@pytest.mark.parametrize(("card", "precision", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "tf32", 156.0), ("NVIDIA H100 80GB HBM3", "fp32", 66.9), ("Tesla T4", "fp16", None),
+])
+def test_peak_flops_table(monkeypatch, card, precision, tflops):
+    from engine.bench import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    peak = peak_flops(torch.device("cuda", 0), precision)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "bf16") is None
+    assert peak_flops(cpu, "fp32", override_tflops=2.0) == 2e12
