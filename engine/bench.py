@@ -175,8 +175,9 @@ def build_harness(cfg: Config, env: DistEnv, *, real_data: bool = False, num_bat
         trainer = build_trainer(cfg, env)
         batches = None
     else:
-        run_dir = run_dir or tempfile.mkdtemp(prefix="ibot_bench_")
-        trainer = build_trainer(_synthetic_build_config(cfg, run_dir), env)
+        # The trainer's checkpointer gets a run directory that is gone after the build: a benchmark never saves.
+        with tempfile.TemporaryDirectory(prefix="ibot_bench_") as tmp:
+            trainer = build_trainer(_synthetic_build_config(cfg, run_dir or tmp), env)
         trainer.cfg = cfg
         batches = synthetic_batches(cfg, env.device, batch_size=cfg.train.batch_size, num_batches=num_batches,
                                     rank=env.rank, seed=cfg.train.seed)
