@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (DEVELOPERS.md: ~15 min of device time per session, run once, fix, rerun once).
-# On the device machine, from the repository root, in two calls of under 10 minutes each (the per-call limit):
-#     bash benchmarks/gpu_check.sh 1    # correctness on CUDA + the step benchmark against lightly (issues 3, 6)
-#     bash benchmarks/gpu_check.sh 2    # kernel, attention and data benchmarks, the FSDP2 smoke (issues 3, 4, 5, 6)
+# The prepared GPU check (DEVELOPERS.md: ~15 min of device time per session).
+# On the device machine, from the repository root, one part per call (each under the 10-minute per-call limit;
+# parts in priority order, since a session's device time covers about two):
+#     bash benchmarks/gpu_check.sh 1    # correctness on CUDA; ibot bench --compare lightly, ViT-S/16 and ViT-B/16
+#     bash benchmarks/gpu_check.sh 2    # largest ViT-B batch vs lightly's; attention and kernel benchmarks; profile
+#     bash benchmarks/gpu_check.sh 3    # data benchmark on JPEG shards; FSDP2 + bf16 NCCL smoke
 # Reports land in $OUT (the device tool's folder) or /tmp/gpu_check.
 # Before the call, on the CPU machine: `bash benchmarks/prepare_gpu_carry.sh`, then carry `gpu_carry`.
 # Every step has its own timeout and a failing step does not stop the next one; the summary table at the end
@@ -31,34 +33,39 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 PART=${1:-all}
-DATE=$(date +%Y%m)
+DAY=$(date -u +%Y%m%d)
+W="precision=bf16 distributed.strategy=none train.batch_size=64"  # targets.md workload; synthetic batches on the GPU
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     # Correctness on CUDA: kernels (bf16/fp16 error vs the reference run, large K, opcheck + compile), attention
-    # backends vs SDPA (outputs and gradients, packed and unpacked), apex vs torch when apex is there.
-    step gpu_tests 150 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/kernels \
+    # backends vs SDPA (outputs and gradients, packed and unpacked), apex vs torch when apex is there, data ops.
+    step gpu_tests 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/kernels \
         tests/test_attention.py tests/test_efficiency.py tests/test_gpu_aug.py tests/test_shards.py
     # The step (issue 6 goals): ViT-S/16 and ViT-B/16, B = 64, bf16, 2 x 224 + 10 x 96, K = 8192, compiled blocks,
     # against lightly's iBOT example step (bf16, masks outside the step, compiled blocks) in the same process.
-    for arch in s16 b16; do
-        step "bench_$arch" 170 python -m engine bench --config "launch/configs/vit_$arch.yaml" precision=bf16 \
-            train.batch_size=64 train.compile=true --steps 30 --warmup 10 --compare lightly \
-            --out "$OUT/bench_vit_${arch}_$DATE.md"
-    done
+    step bench_vit_s16 210 python -m engine bench --config launch/configs/vit_s16.yaml $W train.compile=true \
+        --steps 30 --warmup 10 --compare lightly --out "$OUT/bench_vit_small16_b64_compare_lightly_$DAY.md"
+    step bench_vit_b16 210 python -m engine bench --config launch/configs/vit_b16.yaml $W train.compile=true \
+        --steps 30 --warmup 10 --compare lightly --out "$OUT/bench_vit_base16_b64_compare_lightly_$DAY.md"
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-    # Kernel benchmark: Triton vs eager vs torch.compile, the issue's shapes, against the copy bandwidth.
-    step kernel_bench 150 python -m benchmarks.kernels --out "$OUT/kernels_$DATE.md"
+    # Largest ViT-B/16 batch, ours and lightly's (goal: >= 2x): eager (no recompiling per size), capped at 4096.
+    step max_batch_vit_b16 200 python -m engine bench --config launch/configs/vit_b16.yaml $W train.compile=false \
+        --steps 3 --warmup 1 --compare lightly --find-max-batch --max-batch 4096 \
+        --out "$OUT/bench_vit_base16_max_batch_$DAY.md"
     # Attention backends, op and backbone, packed and unpacked (eager; compiled rows cost minutes of compiling).
-    step attention_bench 120 python -m benchmarks.attention --no-compile --out "$OUT/attention_$DATE.md"
-    # Largest ViT-B/16 batch that fits (issue 6 goal: >= 2x lightly's).
-    step max_batch_b16 120 python -m engine bench --config launch/configs/vit_b16.yaml precision=bf16 \
-        train.activation_checkpointing=selective --find-max-batch --max-batch 1024 --steps 3 --warmup 1 \
-        --out "$OUT/maxbatch_vit_b16_$DATE.md"
-    # Data path on CUDA: the GPU-side multi-crop ops vs their CPU run, then img/s vs workers on real JPEG shards.
-    step data_bench 100 python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,8,16 --batches 10 \
-        --out "$OUT/data_$DATE.md"
+    step attention_bench 100 python -m benchmarks.attention --no-compile --out "$OUT/attention_$DAY.md"
+    # Kernel benchmark (issue 3): Triton vs eager vs torch.compile, the issue's shapes, against the copy bandwidth.
+    step kernel_bench 120 python -m benchmarks.kernels --out "$OUT/kernels_$DAY.md"
+    step profile_vit_s16 100 python -m engine profile --config launch/configs/vit_s16.yaml $W \
+        --wait 1 --warmup 1 --active 2 --out "$OUT/profile_vit_s16"
+    rm -rf "$OUT/profile_vit_s16/tb" && gzip -f "$OUT/profile_vit_s16/trace.json" 2>/dev/null  # one trace, compressed
+fi
+if [ "$PART" = 3 ] || [ "$PART" = all ]; then
+    # Data path (issue 4): img/s vs workers on real JPEG shards, CPU and GPU augmentation.
+    step data_bench 200 python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,8,16 --batches 10 \
+        --out "$OUT/data_$DAY.md"
     # NCCL smoke (issue 5): 1 GPU, world size 1, FSDP2 + bf16, through torchrun and the real command line.
-    step fsdp_smoke 60 torchrun --standalone --nproc-per-node=1 -m engine train --config launch/configs/demo_cpu.yaml \
+    step fsdp_smoke 90 torchrun --standalone --nproc-per-node=1 -m engine train --config launch/configs/demo_cpu.yaml \
         distributed.strategy=fsdp precision=bf16 train.steps=30 train.log_every=10 checkpoint.every=30 \
         run.dir=/tmp/gpu_check_fsdp_smoke
 fi

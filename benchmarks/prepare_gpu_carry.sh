@@ -9,8 +9,8 @@ python -m pip download -q --only-binary=:all: --python-version 3.12 --platform m
     --implementation cp -d gpu_carry/wheels \
     pytest pluggy iniconfig packaging pytest-timeout webdataset braceexpand pyyaml rich markdown-it-py mdurl \
     pygments safetensors
-# lightly's iBOT example step for `ibot bench --compare lightly`: it imports with torch, torchvision and timm alone
-# (all in the image), so its own requirements (pytorch_lightning, hydra) stay behind.
+# lightly for `ibot bench --compare lightly`: pure Python; its lightly.loss / lightly.models imports need none of its
+# declared dependencies beyond torch, torchvision and timm (all in the image), so it travels --no-deps.
 python -m pip download -q --no-deps --only-binary=:all: -d gpu_carry/wheels "lightly==1.6.0"
 du -sh gpu_carry
 

@@ -8,6 +8,8 @@
     ibot visualize --checkpoint RUN_OR_FILE --image FILE
     ibot plot RUN_DIR              # loss (and k-NN) curve PNGs from metrics.jsonl
     ibot shards write SRC OUT      # WebDataset shards + manifest.json (train with data.shards=OUT)
+    ibot bench --config launch/configs/vit_s16.yaml --compare lightly   # img/s, MFU, peak memory -> benchmarks/results
+    ibot profile --config launch/configs/vit_s16.yaml --out runs/profile  # torch.profiler traces + kernel table
 """
 
 from __future__ import annotations
@@ -72,6 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the loss (and k-NN) curves of a run to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+
+    p = sub.add_parser("bench", help="time the real training step: img/s, step ms, MFU, peak memory, data wait")
+    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=128")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--data", action="store_true", help="batches from data.path / data.shards instead of synthetic")
+    p.add_argument("--num-batches", type=int, default=4, help="synthetic batches made once and cycled")
+    p.add_argument("--compare", choices=["lightly"], help="also time lightly's iBOT step (the bench extra)")
+    p.add_argument("--find-max-batch", action="store_true", help="also search the largest batch that fits")
+    p.add_argument("--max-batch", type=int, help="cap of the --find-max-batch search (needed on CPU)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: table of known cards)")
+    p.add_argument("--out", help="markdown report (default benchmarks/results/bench_<arch>_b<B>_<card>_<date>.md)")
+
+    p = sub.add_parser("profile", help="torch.profiler over real training steps: traces, kernel-category table")
+    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--wait", type=int, default=1, help="steps skipped before the profiler warms up")
+    p.add_argument("--warmup", type=int, default=1, help="steps profiled but discarded")
+    p.add_argument("--active", type=int, default=3, help="steps recorded")
+    p.add_argument("--data", action="store_true", help="batches from data.path / data.shards instead of synthetic")
+    p.add_argument("--out", help="output folder (default runs/profile_<arch><patch>)")
     return parser
 
 
@@ -125,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{manifest['total']} images in {len(manifest['shards'])} shards under {args.out}; "
                   f"{len(manifest['skipped'])} unreadable files skipped (listed in manifest.json)")
+        elif args.command == "bench":
+            from engine.bench import bench_main
+
+            args.argv = list(argv) if argv is not None else sys.argv[1:]
+            bench_main(args, load_config(args.config, args.overrides))
+        elif args.command == "profile":
+            from engine.profile import profile_main
+
+            profile_main(args, load_config(args.config, args.overrides))
         elif args.command == "plot":
             from engine.plot import plot_knn_run, plot_run
 
