@@ -4,7 +4,7 @@
 # parts in priority order, since a session's device time covers about two):
 #     bash benchmarks/gpu_check.sh 1    # correctness on CUDA; ibot bench --compare lightly, ViT-S/16 and ViT-B/16
 #     bash benchmarks/gpu_check.sh 2    # largest ViT-B batch vs lightly's; attention and kernel benchmarks; profile
-#     bash benchmarks/gpu_check.sh 3    # data benchmark on JPEG shards; FSDP2 + bf16 NCCL smoke
+#     bash benchmarks/gpu_check.sh 3    # data benchmark on JPEG shards; torch vs apex fused ops; FSDP2 NCCL smoke
 # Reports land in $OUT (the device tool's folder) or /tmp/gpu_check.
 # Before the call, on the CPU machine: `bash benchmarks/prepare_gpu_carry.sh`, then carry `gpu_carry`.
 # Every step has its own timeout and a failing step does not stop the next one; the summary table at the end
@@ -64,6 +64,8 @@ if [ "$PART" = 3 ] || [ "$PART" = all ]; then
     # Data path (issue 4): img/s vs workers on real JPEG shards, CPU and GPU augmentation.
     step data_bench 200 python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,8,16 --batches 10 \
         --out "$OUT/data_$DAY.md"
+    # torch's fused AdamW / LayerNorm vs apex's, when the image has NVIDIA apex (issue 6: keep the faster).
+    step fused_ops 60 python -m benchmarks.fused_ops --out "$OUT/fused_ops_$DAY.md"
     # NCCL smoke (issue 5): 1 GPU, world size 1, FSDP2 + bf16, through torchrun and the real command line.
     step fsdp_smoke 90 torchrun --standalone --nproc-per-node=1 -m engine train --config launch/configs/demo_cpu.yaml \
         distributed.strategy=fsdp precision=bf16 train.steps=30 train.log_every=10 checkpoint.every=30 \

@@ -223,3 +223,11 @@ def test_real_apex_fused_adam_matches_torch_adamw():
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_ops_benchmark_smoke_run_writes_its_report(tmp_path):
+    from benchmarks.fused_ops import main
+
+    out = main(["--device", "cpu", "--quick", "--out", str(tmp_path / "fused.md")])
+    text = out.read_text()
+    assert "torch fused AdamW" in text and "torch LayerNorm" in text and "NVIDIA apex:" in text
