@@ -145,6 +145,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def max_memory_gib(device: torch.device) -> float:
+    """Peak allocated memory since the last log line (CUDA), or the process's peak RSS so far (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux
@@ -241,6 +242,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                     with open(run_dir / f"metrics.rank{env.rank}.jsonl", "a") as f:
                         f.write(json.dumps(last) + "\n")
                 interval_start, interval_steps, data_skipped = time.perf_counter(), 0, 0
+                if env.device.type == "cuda":  # max_memory_gib: the peak of each logging interval
+                    torch.cuda.reset_peak_memory_stats(env.device)
             if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
                 check_finite()
                 # Every rank writes its shards; `latest` moves once the save is complete (async: later).
