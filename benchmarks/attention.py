@@ -68,7 +68,7 @@ def op_rows(arch: str, device: str, dtype: torch.dtype, quick: bool) -> list[lis
             fn()  # compile / autotune outside the timing
             t = bench(fn, device, grad_to_none=[qkv], quick=quick)
             rows.append([arch, label, f"{t.median_ms:.3f} ({t.p20_ms:.3f}-{t.p80_ms:.3f})", ""])
-        except Exception as err:  # noqa: BLE001  (a backend that cannot run here is reported, not fatal)
+        except Exception as err:
             rows.append([arch, label, "n/a", str(err).splitlines()[0][:120]])
         log.info("op %s %s: %s", arch, label, rows[-1][2])
     return rows
@@ -108,7 +108,7 @@ def backbone_rows(arch: str, device: str, quick: bool, compiled: bool) -> list[t
                     fn()
                 t = bench(fn, device, grad_to_none=list(vit.parameters()), quick=quick)
                 out.append((label, t.median_ms, f"{B / (t.median_ms * 1e-3):.0f}"))
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 out.append((label, None, str(err).splitlines()[0][:120]))
             log.info("backbone %s %s: %s", arch, label, out[-1][1])
             if device == "cuda":
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     for arch in archs:
         for compiled in (False, True) if not args.no_compile else (False,):
             for label, ms, note in backbone_rows(arch, args.device, args.quick, compiled):
-                table.append([arch, label, "n/a" if ms is None else f"{ms:.2f}", note if ms is None else note])
+                table.append([arch, label, "n/a" if ms is None else f"{ms:.2f}", note])
                 if ms is not None and (arch not in best or ms < best[arch][1]):
                     best[arch] = (label, ms)
     parts += [markdown_table(["arch", "attention", "ms", "img/s or why n/a"], table), ""]

@@ -7,7 +7,6 @@ CPU operator at all, so its comparison needs CUDA and a matching xformers build.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -32,17 +31,17 @@ def _vit(attention: str = "sdpa", sdpa_backend: str = "auto", device: str = "cpu
 def _inputs(device: str = "cpu", dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(4, 3, 32, 32, generator=gen).to(device, dtype)
-    l = torch.randn(6, 3, 16, 16, generator=gen).to(device, dtype)
+    loc = torch.randn(6, 3, 16, 16, generator=gen).to(device, dtype)
     m = (torch.rand(4, 4, 4, generator=gen) > 0.5).to(device)
-    return g, l, m
+    return g, loc, m
 
 
 def _run(vit: VisionTransformer, packed: bool, grad: bool = True):
     """Tokens of the global (masked) and local crops, and the parameter gradients of a fixed weighted sum."""
-    g, l, m = _inputs(next(vit.parameters()).device, next(vit.parameters()).dtype)
+    g, loc, m = _inputs(next(vit.parameters()).device, next(vit.parameters()).dtype)
     vit.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grad):
-        tg, tl = vit.forward_packed([(g, m), (l, None)]) if packed else (vit(g, m), vit(l))
+        tg, tl = vit.forward_packed([(g, m), (loc, None)]) if packed else (vit(g, m), vit(loc))
         if grad:
             weights = torch.linspace(-1, 1, tg.shape[-1], device=tg.device, dtype=tg.dtype)
             ((tg * weights).sum() + (tl * weights).pow(2).sum()).backward()
@@ -120,12 +119,12 @@ def test_xformers_absent_or_without_cpu_operator_is_one_clear_error():
 
 
 def test_sdpa_kernel_without_cpu_implementation_is_refused_before_work():
-    with pytest.raises(ValueError, match="model.sdpa_backend=cudnn"):
+    with pytest.raises(ValueError, match=r"model\.sdpa_backend=cudnn"):
         check_attention("sdpa", "cudnn", torch.device("cpu"))
     check_attention("sdpa", "math", torch.device("cpu"))
-    with pytest.raises(ConfigError, match="model.sdpa_backend"):
+    with pytest.raises(ConfigError, match=r"model\.sdpa_backend"):
         load_config(None, ["model.attention=flex", "model.sdpa_backend=math"])
-    with pytest.raises(ConfigError, match="model.drop_path_impl"):
+    with pytest.raises(ConfigError, match=r"model\.drop_path_impl"):
         load_config(None, ["model.pack_crops=true", "model.drop_path_impl=subset"])
 
 
@@ -148,9 +147,9 @@ def test_student_network_with_packed_crops_equals_unpacked():
         cfg = load_config(None, [*TINY_OVERRIDES, "model.drop_path=0", f"model.pack_crops={str(pack).lower()}"])
         torch.manual_seed(0)
         net = IBOTNetwork(cfg.model, student=True).train()
-        g, l, m = _inputs()
+        g, loc, m = _inputs()
         idx = m.flatten().nonzero().squeeze(1)
-        cls, patch = net(g, idx, m, l)
+        cls, patch = net(g, idx, m, loc)
         (cls.logsumexp(-1).sum() + patch.pow(2).mean()).backward()
         return cls.detach(), patch.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 

@@ -12,11 +12,11 @@ import torch
 
 import engine.accel as accel
 from engine.config import load_config
+from engine.distributed import DistEnv
 from engine.model.vit import Block, VisionTransformer, drop_add_subset
 from engine.optim import build_optimizer
-from engine.train import build_trainer, train_step
-from engine.distributed import DistEnv
 from engine.schedules import hyperparams_at
+from engine.train import build_trainer, train_step
 from tests.helpers import TINY_OVERRIDES
 
 

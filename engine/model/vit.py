@@ -135,13 +135,13 @@ def _checkpoint_kwargs() -> dict:
 _CHECKPOINT_KWARGS = _checkpoint_kwargs()
 
 
-def _sac_policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN202  (torch.utils.checkpoint's policy signature)
+def _sac_policy(ctx, op, *args, **kwargs):  # torch.utils.checkpoint policy signature
     from torch.utils.checkpoint import CheckpointPolicy
 
     return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_context():  # noqa: ANN202
+def _selective_context():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     return create_selective_checkpoint_contexts(_sac_policy)
