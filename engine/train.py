@@ -221,18 +221,21 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             eval_now = bool(knn_every) and (t.step % knn_every == 0 or t.step == t.total_steps)
             if t.step % cfg.train.log_every == 0 or t.step == t.total_steps or eval_now:
                 check_finite()
-                # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), one
-                # all-reduce at logging steps only; grad_norm is already global. Then the host sync.
-                local = torch.stack([losses.total, losses.cls, losses.patch]).detach().float()
+                # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), and the
+                # skipped-sample count of all ranks (mean x world size), in one all-reduce at logging steps only;
+                # grad_norm is already global. Then the host sync.
+                skipped = torch.tensor(float(data_skipped), device=env.device)
+                local = torch.stack([losses.total.detach().float(), losses.cls.detach().float(),
+                                     losses.patch.detach().float(), skipped])
                 values = torch.cat([all_reduce_mean(local), grad_norm.float().reshape(1)]).tolist()
                 now = time.perf_counter()
                 last = {
                     "step": t.step, "loss": values[0], "loss_cls": values[1], "loss_patch": values[2],
                     "lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum,
                     "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
-                    "grad_norm": values[3], "img_per_s": images_per_step * interval_steps / (now - interval_start),
+                    "grad_norm": values[4], "img_per_s": images_per_step * interval_steps / (now - interval_start),
                     "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
-                    "data_skipped": data_skipped,
+                    "data_skipped": round(values[3] * env.world_size),  # every rank's, since the last log line
                 }
                 if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
                     last.update(knn_evaluator(t.model.teacher, env))
