@@ -452,10 +452,11 @@ def relevant_config(cfg: Config) -> dict[str, Any]:
         "loss.centering": d["loss"]["centering"], "optim.clip_mode": d["optim"]["clip_mode"],
         "precision": d["precision"], "distributed.strategy": d["distributed"]["strategy"],
     }
-    for section in ("model", "optim", "train"):  # keys other issues add (model.attention, optim.impl, ...)
-        for key, value in d[section].items():
-            if any(word in key for word in ("attention", "impl", "checkpoint", "cuda_graph", "fused")):
-                out[f"{section}.{key}"] = value
+    speed = {"model": ("attention", "sdpa_backend", "pack_crops", "drop_path_impl", "norm_impl", "drop_path"),
+             "optim": ("impl",), "train": ("compile_mode", "activation_checkpointing")}
+    for section, keys in speed.items():  # the kernels and memory options (README "Speed and memory options")
+        for key in keys:
+            out[f"{section}.{key}"] = d[section][key]
     return out
 
 
