@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench, default_report_path, environment, markdown_table
+from benchmarks.common import bench, environment, markdown_table, report_header, save_report
 from engine.model.attention import ATTENTION_BACKENDS, attend, check_attention, make_packing
 from engine.model.vit import ARCHS, VisionTransformer
 
@@ -116,7 +116,7 @@ def backbone_rows(arch: str, device: str, quick: bool, compiled: bool) -> list[t
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (a smoke test)")
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
     archs = ["vit_tiny"] if args.quick else args.archs.split(",")
     B, gpx, lpx, patch, L = _crops(args.quick)
     env = environment(args.device, "benchmarks.attention")
-    parts = [f"# Attention backends: {env['device']}", ""]
-    parts += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items()]
+    parts = report_header("Attention backends", env)
     parts += [f"- crops per image: 2 x {gpx} px + {L} x {lpx} px, patch {patch}, B = {B}, {str(dtype)[6:]}", ""]
     op = [row for arch in archs for row in op_rows(arch, args.device, dtype, args.quick)]
     parts += ["## Attention op, fwd+bwd (ms, median and p20-p80)", ""]
@@ -147,12 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
     parts += [f"- fastest for {arch}: **{label}** ({ms:.2f} ms)" for arch, (label, ms) in best.items()]
     if args.device != "cuda":
         parts += ["", "CPU run: a smoke test of the script, not a measurement."]
-    report = "\n".join(parts) + "\n"
-    path = args.out or default_report_path("attention", args.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
-    print(report)
-    return path
+    return save_report("\n".join(parts) + "\n", "attention", args.device, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report_header(title: str, env: dict[str, str]) -> list[str]:
+    """The first lines of a benchmark report: its title, then the environment (command in backticks)."""
+    lines = [f"# {title}: {env['device']}", ""]
+    return lines + [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items()]
+
+
+def save_report(report: str, what: str, device: str, out: Path | None, quick: bool) -> Path | None:
+    """Print `report` and write it to `out`, or to `results/<what>_<gpu>_<yyyymm>.md` for a full CUDA run; a CPU or
+    --quick run without `out` is a smoke test and never lands in results/."""
+    print(report)
+    if out is None and device == "cuda" and not quick:
+        out = default_report_path(what, device)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+    return out

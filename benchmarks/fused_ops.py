@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench, default_report_path, environment, markdown_table
+from benchmarks.common import bench, environment, markdown_table, report_header, save_report
 from engine.accel import fused_adam, nvidia_apex
 from engine.config import load_config
 from engine.model.ibot import IBOTNetwork
@@ -70,7 +70,7 @@ def layernorm_rows(arch: str, device: str, quick: bool) -> list[tuple[str, str, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (a smoke test)")
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = [r for arch in archs for r in optimizer_rows(arch, args.device, args.quick)]
     rows += [r for arch in archs for r in layernorm_rows(arch, args.device, args.quick)]
     env = environment(args.device, "benchmarks.fused_ops")
-    parts = [f"# Fused AdamW and LayerNorm, torch vs apex: {env['device']}", ""]
-    parts += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items()]
+    parts = report_header("Fused AdamW and LayerNorm, torch vs apex", env)
     apex_state = "installed" if nvidia_apex() is not None else "not installed (torch rows only)"
     parts += [f"- NVIDIA apex: {apex_state}", ""]
     parts += [markdown_table(["case", "implementation", "median ms"], [[c, n, f"{ms:.3f}"] for c, n, ms in rows]), ""]
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
         parts.append(f"- {case}: fastest **{best[1]}**")
     if args.device != "cuda":
         parts += ["", "CPU run: a smoke test of the script, not a measurement."]
-    report = "\n".join(parts) + "\n"
-    path = args.out or default_report_path("fused_ops", args.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
-    print(report)
-    return path
+    return save_report("\n".join(parts) + "\n", "fused_ops", args.device, args.out, args.quick)
 
 
 if __name__ == "__main__":

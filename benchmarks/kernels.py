@@ -29,10 +29,11 @@ from benchmarks.common import (
     Timing,
     bench,
     copy_bandwidth,
-    default_report_path,
     environment,
     markdown_table,
     peak_extra_memory,
+    report_header,
+    save_report,
 )
 from kernels.dispatch import optional_module
 from kernels.ema.reference import ema_update_ as ema_reference_
@@ -238,8 +239,7 @@ def render(rows: list[Row], env: dict[str, str], bandwidth_gbs: float, device: s
                 peak,
             ]
         )
-    parts = [f"# Kernel benchmarks: {env['device']}", ""]
-    parts += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items()]
+    parts = report_header("Kernel benchmarks", env)
     parts += [f"- measured copy bandwidth (read + write): {bandwidth_gbs:.0f} GB/s", ""]
     parts += [markdown_table(header, table), ""]
     if device == "cuda":
@@ -291,13 +291,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     if "ema" in kernels:
         rows += run_ema(args.device, args.quick, providers)
     report = render(rows, environment(args.device), bandwidth, args.device)
-    print(report)
-    out = args.out
-    if out is None and args.device == "cuda" and not args.quick:
-        out = default_report_path("kernels", args.device)
+    out = save_report(report, "kernels", args.device, args.out, args.quick)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
         log.info("wrote %s", out)
     return out
 

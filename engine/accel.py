@@ -17,7 +17,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
+
+from engine.model.vit import default_norm
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def norm_layer(impl: str) -> Any:
     either way, so checkpoints move between the two; apex's FusedLayerNorm runs torch's kernel on CPU tensors."""
     if impl == "apex" and apex_usable("model.norm_impl", torch.device("cuda")):
         return partial(nvidia_apex().normalization.FusedLayerNorm, eps=1e-6)
-    return partial(nn.LayerNorm, eps=1e-6)
+    return default_norm
 
 
 def fused_adam(param_groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:

@@ -28,8 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (resumes from the run directory's latest checkpoint by default)")
-    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    _add_config_args(p, "optim.lr=1e-3")
 
     p = sub.add_parser("demo", help="pretrain a ViT-tiny on the built-in dataset; k-NN before and after")
     p.add_argument("--config", default=str(DEMO_CONFIG))
@@ -76,8 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
 
     p = sub.add_parser("bench", help="time the real training step: img/s, step ms, MFU, peak memory, data wait")
-    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=128")
+    _add_config_args(p, "train.batch_size=128")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--data", action="store_true", help="batches from data.path / data.shards instead of synthetic")
@@ -89,14 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="markdown report (default benchmarks/results/bench_<arch>_b<B>_<card>_<date>.md)")
 
     p = sub.add_parser("profile", help="torch.profiler over real training steps: traces, kernel-category table")
-    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _add_config_args(p, "model.pack_crops=true")
     p.add_argument("--wait", type=int, default=1, help="steps skipped before the profiler warms up")
     p.add_argument("--warmup", type=int, default=1, help="steps profiled but discarded")
     p.add_argument("--active", type=int, default=3, help="steps recorded")
     p.add_argument("--data", action="store_true", help="batches from data.path / data.shards instead of synthetic")
     p.add_argument("--out", help="output folder (default runs/profile_<arch><patch>)")
     return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
+    """--config PRESET and the dotted overrides, for the commands that build a run from a config."""
+    p.add_argument("--config", help="YAML preset, e.g. launch/configs/vit_s16.yaml")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -161,7 +161,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
         self.drop_path = drop_path
         self.drop_path_impl = drop_path_impl
-        self.checkpointing = "none"  # none | full | selective, set by `set_activation_checkpointing`
+        self.checkpointing = "none"  # none | full | selective, set by `engine.model.ibot.apply_train_options`
 
     def _attn_branch(self, x: Tensor, packing: Packing | None = None) -> Tensor:
         return self.ls1(self.attn(self.norm1(x), packing))
