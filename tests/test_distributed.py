@@ -185,10 +185,10 @@ def test_sharded_checkpoint_failing_mid_save_keeps_the_previous_one(tmp_path, mo
     assert torch.equal(load_consolidated(ckpt.latest())["model"]["w"], torch.zeros(100))
 
 
-def _scaler_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _scaler_worker(rank: int, world: int, out_dir: str) -> None:
     """An FSDP2 model whose gradient overflows in rank 1's shard only: one scaler step, then its state."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no port to race for with other tests.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -221,7 +221,7 @@ def _scaler_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_fp16_scaler_under_fsdp_skips_an_overflow_seen_by_one_rank_on_every_rank(tmp_path):
     """fp16 under FSDP2: an inf in one rank's gradient shard must make every rank skip the step and halve the scale
     (else the ranks would backprop with different scales and update only some shards)."""
-    mp.start_processes(_scaler_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_scaler_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got == [{"scale": 512.0, "changed": False}] * 2
 
@@ -242,10 +242,10 @@ def test_fp16_fsdp_tracks_fp16_ddp_through_the_cli(tmp_path):
     assert any(math.isfinite(r["grad_norm"]) for r in fsdp)  # not every step skipped: the scale came down
 
 
-def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
     """Each rank: its half of a fixed batch through centring and Sinkhorn; an FSDP2 model's gradient clipping."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no port to race for with other tests.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -285,7 +285,7 @@ def test_centring_sinkhorn_and_clipping_two_ranks_equal_one_rank_on_the_whole_ba
     from engine.objective import sinkhorn_log_targets, update_centers_
     from engine.optim import clip_gradients_
 
-    mp.start_processes(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     g = torch.Generator().manual_seed(0)
