@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +474,36 @@ def test_train_reports_skipped_samples_in_metrics(tmp_path: Path) -> None:
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2]
     assert sum(r["data_skipped"] for r in records) == 1  # the corrupt JPEG, read in one of the two steps
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_report_every_ranks_skipped_samples(tmp_path: Path) -> None:
+    """Each rank reads two shards that hold one corrupt JPEG each: the metrics count every rank's skips."""
+    import os
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(4):
+        good = [{"__key__": f"s{s}g{i}", "jpg": _jpeg(10 * s + i)} for i in range(4)]
+        _write_tar(shards / f"s{s}.tar", [*good[:2], {"__key__": f"s{s}bad", "jpg": b"\xff\xd8 garbage \xff\xd9"},
+                                           *good[2:]])
+    run = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"data.shards={shards}", "data.epoch_samples=16", "train.batch_size=4",
+                 "train.steps=2", f"run.dir={run}", "distributed.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "engine", "train",
+         *overrides], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    # Each rank logs every sample it skips; through its shuffle buffer a rank may leave a corrupt one unread.
+    logged = re.findall(r"\[ibot r(\d) .*data: skipping sample s\dbad", result.stdout + result.stderr)
+    assert set(logged) == {"0", "1"}, logged  # both ranks met a corrupt sample
+    assert sum(r["data_skipped"] for r in records) == len(logged)  # every rank's skips, not rank 0's
 
 
 def test_pipe_urls_stream_through_a_shell_command(even_shards: Path) -> None:
