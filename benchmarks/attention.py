@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import bench, environment, markdown_table, report_header, save_report
-from engine.model.attention import ATTENTION_BACKENDS, attend, check_attention, make_packing
+from engine.model.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, attend, check_attention, make_packing
 from engine.model.vit import ARCHS, VisionTransformer
 
 log = logging.getLogger("benchmarks.attention")
-SDPA_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 def _crops(quick: bool) -> tuple[int, int, int, int, int]:
@@ -43,7 +42,7 @@ def op_rows(arch: str, device: str, dtype: torch.dtype, quick: bool) -> list[lis
     qkv = torch.randn(S, 3 * a.embed_dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(S, a.embed_dim, device=device, dtype=dtype)
     rows = []
-    cases = [(f"sdpa:{k}", "sdpa", k, False) for k in SDPA_KERNELS]
+    cases = [(f"sdpa:{k}", "sdpa", k, False) for k in SDPA_BACKENDS]
     cases += [("xformers", "xformers", "auto", False), ("flex", "flex", "auto", False)]
     cases += [("flex packed", "flex", "auto", True), ("xformers packed", "xformers", "auto", True)]
     for label, backend, kernel, packed in cases:

@@ -22,26 +22,26 @@ from benchmarks.common import bench, environment, markdown_table, report_header,
 from engine.accel import fused_adam, nvidia_apex
 from engine.config import load_config
 from engine.model.ibot import IBOTNetwork
-from engine.optim import param_groups
+from engine.optim import apply_hyperparams, build_optimizer, param_groups
 
 log = logging.getLogger("benchmarks.fused_ops")
 
 
 def optimizer_rows(arch: str, device: str, quick: bool) -> list[tuple[str, str, float]]:
     overrides = [f"model.arch={arch}"] + (["model.out_dim=256", "model.head_hidden_dim=128"] if quick else [])
-    net = IBOTNetwork(load_config(None, overrides).model, student=True).to(device)
+    cfg = load_config(None, overrides)
+    net = IBOTNetwork(cfg.model, student=True).to(device)
     for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     numel = sum(p.numel() for p in net.parameters())
-    makers = {"torch fused AdamW": lambda: torch.optim.AdamW(param_groups(net), lr=1e-4, weight_decay=0.04,
-                                                             fused=True)}
+    # What the training loop builds: optim.impl=torch (fused AdamW), and apex's FusedAdam where it can run.
+    makers = {"torch fused AdamW": lambda: build_optimizer(net, cfg.optim, torch.device(device))}
     if nvidia_apex() is not None and device == "cuda":
-        makers["apex FusedAdam"] = lambda: fused_adam(param_groups(net), (0.9, 0.999))
+        makers["apex FusedAdam"] = lambda: fused_adam(param_groups(net), cfg.optim.betas)
     rows = []
     for name, make in makers.items():
         opt = make()
-        for g in opt.param_groups:
-            g["lr"], g["weight_decay"] = 1e-4, 0.04 if g["decay"] else 0.0
+        apply_hyperparams(opt, lr=1e-4, weight_decay=0.04)
         t = bench(opt.step, device, quick=quick)
         rows.append((f"{arch} AdamW step ({numel / 1e6:.1f} M params)", name, t.median_ms))
     return rows

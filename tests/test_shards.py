@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from engine.data.shards import (
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 CPU = torch.device("cpu")
+CORRUPT_JPEG = b"\xff\xd8 garbage \xff\xd9"  # a JPEG header and trailer around junk: PIL cannot decode it
 
 
 def _jpeg(index: int, size: tuple[int, int] = (40, 36)) -> bytes:
@@ -439,22 +443,24 @@ def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
         assert needle in text, needle
 
 
-@pytest.mark.distributed
-def test_torchrun_two_ranks_from_shards_checkpoints_every_cursor(even_shards: Path, tmp_path: Path) -> None:
-    """2 gloo ranks x 2 workers train from shards; the checkpoint holds both ranks' worker positions."""
-    import os
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    overrides = [*TINY_OVERRIDES, f"data.shards={even_shards}", "data.num_workers=2", "train.batch_size=3",
-                 "train.steps=2", f"run.dir={run}", "distributed.strategy=ddp"]
+def _torchrun_train(overrides: list[str]) -> str:
+    """`torchrun --standalone --nproc-per-node=2 -m engine train ...` (gloo); returns its stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "engine", "train",
          *overrides], capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_from_shards_checkpoints_every_cursor(even_shards: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x 2 workers train from shards; the checkpoint holds both ranks' worker positions."""
+    run = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"data.shards={even_shards}", "data.num_workers=2", "train.batch_size=3",
+                 "train.steps=2", f"run.dir={run}", "distributed.strategy=ddp"]
+    _torchrun_train(overrides)
     state = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())["data"]
     assert state["world_size"] == 2 and state["batch"] == 2 and state["samples"] == 2 * 3 * 2
     assert len(state["cursors"]) == 2 and all(len(c) == 2 and sum(c) == 6 for c in state["cursors"])
@@ -464,7 +470,7 @@ def test_train_reports_skipped_samples_in_metrics(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     _write_tar(shards / "a.tar", [{"__key__": f"a{i}", "jpg": _jpeg(i)} for i in range(2)]
-               + [{"__key__": "bad", "jpg": b"\xff\xd8 garbage \xff\xd9"}]
+               + [{"__key__": "bad", "jpg": CORRUPT_JPEG}]
                + [{"__key__": f"a{i}", "jpg": _jpeg(i)} for i in range(2, 4)])
     _write_tar(shards / "b.tar", [{"__key__": f"b{i}", "jpg": _jpeg(10 + i)} for i in range(4)])
     run = tmp_path / "run"
@@ -479,29 +485,20 @@ def test_train_reports_skipped_samples_in_metrics(tmp_path: Path) -> None:
 @pytest.mark.distributed
 def test_torchrun_two_ranks_report_every_ranks_skipped_samples(tmp_path: Path) -> None:
     """Each rank reads two shards that hold one corrupt JPEG each: the metrics count every rank's skips."""
-    import os
-    import subprocess
-    import sys
-
     shards = tmp_path / "shards"
     shards.mkdir()
     for s in range(4):
         good = [{"__key__": f"s{s}g{i}", "jpg": _jpeg(10 * s + i)} for i in range(4)]
-        _write_tar(shards / f"s{s}.tar", [*good[:2], {"__key__": f"s{s}bad", "jpg": b"\xff\xd8 garbage \xff\xd9"},
+        _write_tar(shards / f"s{s}.tar", [*good[:2], {"__key__": f"s{s}bad", "jpg": CORRUPT_JPEG},
                                            *good[2:]])
     run = tmp_path / "run"
     overrides = [*TINY_OVERRIDES, f"data.shards={shards}", "data.epoch_samples=16", "train.batch_size=4",
                  "train.steps=2", f"run.dir={run}", "distributed.strategy=ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "engine", "train",
-         *overrides], capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = _torchrun_train(overrides)
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2]
     # Each rank logs every sample it skips; through its shuffle buffer a rank may leave a corrupt one unread.
-    logged = re.findall(r"\[ibot r(\d) .*data: skipping sample s\dbad", result.stdout + result.stderr)
+    logged = re.findall(r"\[ibot r(\d) .*data: skipping sample s\dbad", output)
     assert set(logged) == {"0", "1"}, logged  # both ranks met a corrupt sample
     assert sum(r["data_skipped"] for r in records) == len(logged)  # every rank's skips, not rank 0's
 

@@ -147,28 +147,21 @@ def attend(qkv: Tensor, num_heads: int, backend: str, sdpa_backend: str = "auto"
     return out.transpose(1, 2).reshape(S, num_heads * d)
 
 
-_PACKING_CACHE: dict[tuple, Packing] = {}
-
-
+@functools.lru_cache(maxsize=64)  # layouts are few (one per crop recipe and batch): masks are built once
 def make_packing(groups: tuple[tuple[int, int], ...], backend: str, device: torch.device) -> Packing:
-    """The (cached) packing of `groups` for `backend`: a batch layout repeats every step, so masks are built once."""
-    key = (groups, backend, str(device))
-    if key not in _PACKING_CACHE:
-        counts = torch.tensor([T for n, T in groups for _ in range(n)], device=device)
-        sample = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
-        block_mask = xformers_bias = None
-        if backend == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
+    """The packing of `groups` (count, tokens per sequence) for `backend`, cached: a batch layout repeats every step."""
+    counts = torch.tensor([T for n, T in groups for _ in range(n)], device=device)
+    sample = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    block_mask = xformers_bias = None
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
 
-            def same_sequence(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                return sample[q_idx] == sample[kv_idx]
+        def same_sequence(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return sample[q_idx] == sample[kv_idx]
 
-            S = sample.numel()
-            block_mask = create_block_mask(same_sequence, None, None, S, S, device=str(device))
-        elif backend == "xformers":
-            fmha = importlib.import_module("xformers.ops.fmha")
-            xformers_bias = fmha.BlockDiagonalMask.from_seqlens(counts.tolist())
-        if len(_PACKING_CACHE) > 64:  # layouts are few (one per crop recipe and batch); never grow without bound
-            _PACKING_CACHE.clear()
-        _PACKING_CACHE[key] = Packing(groups, sample, block_mask, xformers_bias)
-    return _PACKING_CACHE[key]
+        S = sample.numel()
+        block_mask = create_block_mask(same_sequence, None, None, S, S, device=str(device))
+    elif backend == "xformers":
+        fmha = importlib.import_module("xformers.ops.fmha")
+        xformers_bias = fmha.BlockDiagonalMask.from_seqlens(counts.tolist())
+    return Packing(groups, sample, block_mask, xformers_bias)
