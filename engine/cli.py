@@ -6,7 +6,7 @@
     ibot eval linear --checkpoint RUN_OR_FILE
     ibot export --checkpoint RUN_OR_FILE --format timm
     ibot visualize --checkpoint RUN_OR_FILE --image FILE
-    ibot plot RUN_DIR              # loss (and k-NN) curve PNGs from metrics.jsonl
+    ibot plot RUN_DIR              # loss, k-NN and training-health curve PNGs from metrics.jsonl
     ibot shards write SRC OUT      # WebDataset shards + manifest.json (train with data.shards=OUT)
     ibot bench --config launch/configs/vit_s16.yaml --compare lightly   # img/s, MFU, peak memory -> benchmarks/results
     ibot profile --config launch/configs/vit_s16.yaml --out runs/profile  # torch.profiler traces + kernel table
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=224, help="side of each tile of the figure in pixels")
     p.add_argument("--out", help="PNG path (default: next to the checkpoint)")
 
-    p = sub.add_parser("plot", help="draw the loss (and k-NN) curves of a run to PNG")
+    p = sub.add_parser("plot", help="draw the loss, k-NN and training-health curves of a run to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
 
@@ -162,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
             profile_main(args, load_config(args.config, args.overrides))
         elif args.command == "plot":
-            from engine.plot import plot_knn_run, plot_run
+            from engine.plot import plot_health_run, plot_knn_run, plot_run
 
             print(plot_run(args.run_dir, args.out))
-            knn_png = plot_knn_run(args.run_dir)
-            if knn_png is not None:
-                print(knn_png)
+            for png in (plot_knn_run(args.run_dir), plot_health_run(args.run_dir)):
+                if png is not None:
+                    print(png)
     except ConfigError as err:
         print(f"ibot: config error: {err}", file=sys.stderr)
         return 2

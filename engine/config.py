@@ -52,6 +52,9 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Student blocks: full recomputes each block in the backward (least memory); selective keeps matmul and
     attention outputs and recomputes the elementwise ops (LayerNorm, GELU, residuals); none keeps everything."""
+    on_collapse: Literal["warn", "stop"] = "warn"
+    """What the collapse detector (engine/health.py) does when the teacher's targets stay near uniform or one-hot,
+    or the cls embeddings of the batch become nearly identical, for several logging steps: warn once, or stop."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (slower; bit-reproducible kernels where they exist)."""
 
@@ -68,6 +71,9 @@ class ModelConfig:
     """Student stochastic depth at the last block, linear from 0 at the first (official: 0.1)."""
     layerscale: float = 0.0
     """LayerScale init value; 0 disables LayerScale (official iBOT has none; DINOv2 uses 1e-5)."""
+    init: Literal["trunc_normal", "xavier"] = "trunc_normal"
+    """Backbone weight init: trunc_normal (official iBOT / DINO / timm: Linear N(0, 0.02)) or xavier (the MAE init
+    lightly's iBOT uses; learns much faster in short runs from scratch)."""
     out_dim: int = 8192
     """K, the number of prototypes of the projection head."""
     head_hidden_dim: int = 2048
@@ -151,6 +157,10 @@ class LossConfig:
     center_momentum: float = 0.9
     centering: Literal["center", "sinkhorn"] = "center"
     """center: EMA centres (official iBOT); sinkhorn: Sinkhorn-Knopp teacher targets (DINOv2), no centre."""
+    koleo_weight: float = 0.0
+    """Weight of the KoLeo regulariser on the student's global cls tokens (DINOv2 uses 0.1; 0 disables it). It spreads
+    the embeddings of a batch apart, a guard against the collapse of every image onto one embedding; nearest
+    neighbours are searched over the global batch (all ranks)."""
     patch_center: Literal["all", "masked"] = "all"
     """all: the patch centre averages every teacher patch token (official iBOT); masked: only masked tokens
     (DINOv2, lightly), which lets the teacher head run on masked tokens only."""

@@ -116,6 +116,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def get_rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; the identity at world size 1."""
     if is_distributed():
@@ -129,6 +134,30 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenation of every rank's tensor along dim 0; the backward hands each rank the gradient of its own
+    rows, summed over the ranks whose losses used them (an all-reduce, which every backend has, then a slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rows, ctx.rank = x.shape[0], rank
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())  # small tensors (embeddings): the list form every version has
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[W * n, ...]: rank r's rows at [r * n, (r + 1) * n); differentiable. The identity at world size 1."""
+    return _AllGatherWithGrad.apply(x) if is_distributed() else x
 
 
 def barrier() -> None:

@@ -51,6 +51,7 @@ from engine.config import Config, config_from_dict, config_to_dict
 from engine.data.dataloader import build_train_loader
 from engine.data.loader import Batch
 from engine.distributed import all_reduce_sum
+from engine.health import HEALTH_KEYS
 from engine.model.ibot import IBOT, TeacherOutput, apply_train_options
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.schedules import Hyperparams, hyperparams_at
@@ -64,9 +65,10 @@ __all__ = ["IBOTDataModule", "IBOTLightningModule"]
 class IBOTLightningModule(L.LightningModule):
     """iBOT student + EMA teacher + centres (`self.model`, an `engine.model.ibot.IBOT`) trained by Lightning.
 
-    Logs per step: `loss`, `loss_cls`, `loss_patch` (means over all ranks), `grad_norm` (before clipping), and every
-    `Trainer(log_every_n_steps)` steps the scheduled `lr`, `weight_decay`, `momentum`, `teacher_temp`,
-    `patch_teacher_temp`. `training_step` returns the local loss, which Lightning backpropagates.
+    Logs per step: `loss`, `loss_cls`, `loss_patch` (and `loss_koleo` with `loss.koleo_weight`; means over all
+    ranks), `grad_norm` (before clipping), and every `Trainer(log_every_n_steps)` steps the scheduled `lr`,
+    `weight_decay`, `momentum`, `teacher_temp`, `patch_teacher_temp` and the training-health metrics of
+    `engine.health` (means over ranks). `training_step` returns the local loss, which Lightning backpropagates.
 
     Building the module seeds torch's global RNG with `train.seed` before the model's init, as `ibot train` does,
     so every rank starts from the same weights and the run repeats with the seed.
@@ -145,13 +147,19 @@ class IBOTLightningModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         hp = self._hp if self._hp is not None else self.hyperparams(self.global_step)
-        losses, self._teacher = forward_losses(self.model, batch, hp, self.cfg)
+        log_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # the steps Lightning logs
+        losses, self._teacher, health = forward_losses(self.model, batch, hp, self.cfg, health=log_step)
         self._nonfinite |= ~torch.isfinite(losses.total.detach())  # read at checkpoint and at the end (no sync)
         # Means over ranks, one collective; device tensors, which Lightning reads back only when it logs.
-        means = all_reduce_sum(torch.stack([losses.total, losses.cls, losses.patch]).detach()) / self.trainer.world_size
-        self.log_dict({"loss": means[0], "loss_cls": means[1], "loss_patch": means[2]}, on_step=True, on_epoch=False,
-                      prog_bar=False)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # host floats: on the steps Lightning logs
+        names = ["loss", "loss_cls", "loss_patch"]
+        values = [losses.total, losses.cls, losses.patch]
+        if losses.koleo is not None:
+            names, values = [*names, "loss_koleo"], [*values, losses.koleo]
+        if health is not None:  # training-health metrics (engine/health.py), on logging steps only
+            names, values = [*names, *HEALTH_KEYS], [*values, *health.unbind(0)]
+        means = all_reduce_sum(torch.stack(values).detach().float()) / self.trainer.world_size
+        self.log_dict(dict(zip(names, means.unbind(0), strict=True)), on_step=True, on_epoch=False, prog_bar=False)
+        if log_step:  # host floats
             self.log_dict({"lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum,
                            "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp},
                           on_step=True, on_epoch=False)

@@ -82,11 +82,17 @@ class MetricLogger:
             from engine.tensorboard import write_record
 
             write_record(self._tensorboard, record)
-        line = (
-            f"step {record['step']}/{self.total_steps}  loss {record['loss']:.4f} (cls {record['loss_cls']:.4f} "
-            f"patch {record['loss_patch']:.4f})  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s  "
-            f"mem {record['max_memory_gib']:.2f} GiB  eta {format_eta(eta_s)}"
-        )
+        line = f"step {record['step']}/{self.total_steps}"
+        if "loss" in record:  # a training step (the step-0 record holds the random-init k-NN only)
+            koleo = f" koleo {record['loss_koleo']:.4f}" if "loss_koleo" in record else ""
+            line += (
+                f"  loss {record['loss']:.4f} (cls {record['loss_cls']:.4f} patch {record['loss_patch']:.4f}{koleo})"
+                f"  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s  mem {record['max_memory_gib']:.2f} GiB"
+                f"  eta {format_eta(eta_s)}"
+            )
+        if "teacher_cls_entropy_frac" in record:
+            line += (f"  H(t)/lnK {record['teacher_cls_entropy_frac']:.3f}"
+                     f"  std(t) {record['teacher_cls_std']:.3f}")
         if "knn_top1" in record:
             line += f"  k-NN top-1 {record['knn_top1']:.1f}% top-5 {record['knn_top5']:.1f}%"
         if self._progress is not None:

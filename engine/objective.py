@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import centered_softmax_cross_entropy
@@ -31,6 +32,7 @@ class IBOTLoss(NamedTuple):
     total: Tensor
     cls: Tensor
     patch: Tensor
+    koleo: Tensor | None = None  # the unweighted KoLeo term when loss.koleo_weight > 0
 
 
 @functools.cache
@@ -117,6 +119,46 @@ def ibot_loss(
 
     total = lambda_cls * loss_cls + lambda_patch * loss_patch
     return IBOTLoss(total, loss_cls, loss_patch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KoLeo
+
+
+def koleo_loss(cls_tokens: Tensor, num_global: int, *, all_gather: Callable[[Tensor], Tensor] | None = None,
+               rank: int = 0, eps: float = 1e-8) -> Tensor:
+    """KoLeo regulariser (DINOv2, after Sablayrolles et al. 2019) on the student's global cls tokens, in fp32:
+
+        L_koleo = sum_{global views v} -1/n sum_{i in v} log(||x_i - x_nn(i)|| + eps),   x = token / ||token||
+
+    where nn(i) is the most cosine-similar other image of the same view in the *global* batch (n = B x world
+    size): rows of the other ranks come through `all_gather` (differentiable, e.g.
+    `engine.distributed.all_gather_with_grad`), and each rank returns the mean over its own rows. The trainer's
+    all-reduce mean of the logged value is then the global batch's loss, and DDP / FSDP2's gradient averaging gives
+    exactly its gradient: the loss does not depend on how the batch is split over ranks. The sum over global views
+    (not the mean) is DINOv2's. Pitfall-free forms: fp32 before normalising; the distance is the plain L2 norm
+    (DINOv2's `PairwiseDistance` adds eps inside the difference, which gives a 3e5 gradient at a duplicate pair;
+    ours gives 0 there and a bounded loss of -log(eps)); a global batch of one image has no neighbour: loss 0.
+
+    Args:
+        cls_tokens: [G*B, D] backbone cls tokens of the G global views, view-major (this rank's B images each).
+        num_global: G.
+        all_gather: concatenates every rank's [B, ...] rows along dim 0 (None: one process).
+        rank: this rank's index (its rows sit at [rank*B, (rank+1)*B) of the gathered tensor).
+    """
+    x = F.normalize(cls_tokens.float(), dim=-1, eps=eps)
+    batch = x.shape[0] // num_global
+    x_VBD = x.reshape(num_global, batch, -1)
+    everyone_VND = x_VBD if all_gather is None else all_gather(x_VBD.transpose(0, 1)).transpose(0, 1)
+    if everyone_VND.shape[1] < 2:
+        return x.sum() * 0.0
+    with torch.no_grad():
+        sim_VBN = torch.bmm(x_VBD, everyone_VND.transpose(1, 2))
+        sim_VBN.diagonal(offset=rank * batch, dim1=1, dim2=2).fill_(-float("inf"))  # never your own neighbour
+        nearest_VB = sim_VBN.argmax(dim=2)
+    neighbour_VBD = torch.gather(everyone_VND, 1, nearest_VB[..., None].expand_as(x_VBD))
+    distance_VB = torch.linalg.vector_norm(x_VBD - neighbour_VBD, dim=-1)
+    return -torch.log(distance_VB + eps).mean(dim=1).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,28 +1,39 @@
 """One iBOT forward pass and loss, as a public function for loops other than ours (Lightning, your own).
 
 `forward_losses` is the forward half of `engine.train.train_step`: teacher on the unmasked global crops, student on
-the masked global and the local crops, then the objective with the current centres (or Sinkhorn-Knopp targets).
-The caller runs backward and then, in this order: `model.update_centers(teacher, all_reduce_sum)` (EMA centres
-only), gradient clipping, the optimizer step, and the teacher EMA (`kernels.ema_update_`). Autocast, if any, is the
-caller's (the objective is fp32 inside whatever the logits' dtype).
+the masked global and the local crops, then the objective with the current centres (or Sinkhorn-Knopp targets),
+plus KoLeo on the student's global cls tokens when `loss.koleo_weight > 0`. The caller runs backward and then, in
+this order: `model.update_centers(teacher, all_reduce_sum)` (EMA centres only), gradient clipping, the optimizer
+step, and the teacher EMA (`kernels.ema_update_`). Autocast, if any, is the caller's (the objective is fp32 inside
+whatever the logits' dtype).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from engine.config import Config
 from engine.data.loader import Batch
-from engine.distributed import all_reduce_sum
+from engine.distributed import all_gather_with_grad, all_reduce_sum, get_rank
+from engine.health import health_metrics
 from engine.model.ibot import IBOT, TeacherOutput
-from engine.objective import IBOTLoss, ibot_loss, sinkhorn_log_targets
+from engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets
 from engine.schedules import Hyperparams
 
 
-def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config,
-                   student: nn.Module | None = None) -> tuple[IBOTLoss, TeacherOutput]:
-    """The iBOT loss of `batch` (on the model's device) and the teacher outputs that update the centres.
+class ForwardOutput(NamedTuple):
+    losses: IBOTLoss
+    teacher: TeacherOutput  # what `model.update_centers` needs
+    health: Tensor | None  # `engine.health.HEALTH_KEYS` values (fp32, on the device) when asked for, else None
+
+
+def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, student: nn.Module | None = None, *,
+                   health: bool = False) -> ForwardOutput:
+    """The iBOT loss of `batch` (on the model's device), the teacher outputs that update the centres, and (with
+    `health`, e.g. on logging steps only) the training-health metrics of this step.
 
     Args:
         model: student, teacher and centres.
@@ -30,10 +41,12 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config,
         hp: this step's hyperparameters (`engine.schedules.hyperparams_at`); only the teacher temperatures are read.
         cfg: the run config (`loss` and `data.num_global` are read).
         student: the module to call for the student pass, e.g. a DDP wrapper of `model.student` (default: it).
+        health: also compute `engine.health.health_metrics` (a few reductions over tensors the step has anyway).
     """
     student = model.student if student is None else student
     teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)
-    student_cls, student_patch = student(batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
+    student_cls, student_patch, student_tokens = student(batch.global_crops, batch.mask_indices, batch.masks,
+                                                         batch.local_crops)
     teacher_cls, teacher_patch = teacher.cls_logits, teacher.patch_logits
     cls_center, patch_center = model.cls_center, model.patch_center
     temp, patch_temp = hp.teacher_temp, hp.patch_teacher_temp
@@ -48,4 +61,11 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config,
         temp, patch_temp, cfg.loss.student_temp, num_global=cfg.data.num_global,
         lambda_cls=cfg.loss.lambda_cls, lambda_patch=cfg.loss.lambda_patch,
     )
-    return losses, teacher
+    if cfg.loss.koleo_weight > 0:  # nearest neighbours over the global batch: every rank's tokens are gathered
+        koleo = koleo_loss(student_tokens, cfg.data.num_global, all_gather=all_gather_with_grad, rank=get_rank())
+        losses = losses._replace(total=losses.total + cfg.loss.koleo_weight * koleo, koleo=koleo)
+    stats = None
+    if health:
+        stats = health_metrics(teacher_cls, teacher_patch, cls_center, patch_center, temp, patch_temp,
+                               student_tokens.detach(), teacher.cls_tokens)
+    return ForwardOutput(losses, teacher, stats)

@@ -2,8 +2,8 @@
 
 The `tensorboard` package is an optional dependency (`pip install 'ibot-engine[tensorboard]'`). Without it the run
 goes on with metrics.jsonl only, after one warning per process. Events go to `<run.dir>/tensorboard`; every numeric
-field of a metrics record becomes a scalar at its step (`knn_top1` / `knn_top5` under `eval/`, the rest under
-`train/`).
+field of a metrics record becomes a scalar at its step (`knn_top1` / `knn_top5` under `eval/`, the training-health
+metrics of `engine.health` under `health/`, the rest under `train/`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from engine.health import HEALTH_KEYS
 
 log = logging.getLogger(__name__)
 _warned_missing = False
@@ -37,4 +39,5 @@ def write_record(writer: Any, record: dict[str, Any]) -> None:
     for key, value in record.items():
         if key == "step" or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             continue
-        writer.add_scalar(f"{'eval' if key.startswith('knn_') else 'train'}/{key}", value, step)
+        group = "eval" if key.startswith("knn_") else "health" if key in HEALTH_KEYS else "train"
+        writer.add_scalar(f"{group}/{key}", value, step)

@@ -24,6 +24,7 @@ from engine.checkpoint import Checkpointer, ShardedCheckpointer, is_sharded_chec
 from engine.config import Config, config_to_dict, save_config
 from engine.data.loader import Batch, build_data_stream
 from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
+from engine.health import HEALTH_KEYS, CollapseDetector
 from engine.logging import MetricLogger, setup_logging
 from engine.model.attention import check_attention
 from engine.model.ibot import IBOT, apply_train_options
@@ -114,12 +115,15 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
 
 
 def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype | None,
-               ema_pairs: tuple[list[Tensor], list[Tensor]], params: list[Tensor]) -> tuple[IBOTLoss, Tensor]:
+               ema_pairs: tuple[list[Tensor], list[Tensor]], params: list[Tensor],
+               health: bool = False) -> tuple[IBOTLoss, Tensor, Tensor | None]:
+    """One optimizer step; returns the losses, the gradient norm and (with `health`: logging steps) the
+    training-health metrics, all device tensors: nothing here waits for the device."""
     cfg, model = t.cfg, t.model
     apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay)
     amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with amp:
-        losses, teacher = forward_losses(model, batch, hp, cfg, student=t.student)  # DDP / FSDP wrapper as student
+    with amp:  # the DDP / FSDP wrapper runs the student
+        losses, teacher, stats = forward_losses(model, batch, hp, cfg, student=t.student, health=health)
     t.scaler.scale(losses.total).backward()
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
@@ -133,14 +137,15 @@ def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     model.update_teacher(hp.momentum, ema_pairs)
-    return losses, grad_norm
+    return losses, grad_norm, stats
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the metrics records of steps <= `step` (all of them gone for a fresh run)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = path.read_text().splitlines() if step > 0 else []
+    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -190,6 +195,9 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         from engine.evaluate import KnnEvaluator  # imports this module
 
         knn_evaluator = KnnEvaluator(cfg)  # builds the held-out datasets now: a bad path fails before step 1
+    # Watched from 10% of the run on: at initialisation every image gets nearly the same teacher output.
+    detector = CollapseDetector(t.model.student.backbone.embed_dim, cfg.train.on_collapse,
+                                start_step=t.total_steps // 10)
     ema_pairs = t.model.ema_pairs()
     params = [p for p in t.model.student.parameters() if p.requires_grad]
     nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
@@ -208,39 +216,53 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             )
 
     t.model.train()
+    if knn_every and t.step == 0:  # the random-init baseline the k-NN curve starts from
+        metrics.log({"step": 0, **knn_evaluator(t.model.teacher, env)}, eta_s=0.0)
+        interval_start = run_start = time.perf_counter()
     data_iter = iter(t.data)
     try:
         while t.step < t.total_steps:
             hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
             batch = next(data_iter).to(env.device)
             data_skipped += int(getattr(batch, "num_skipped", 0))
-            losses, grad_norm = train_step(t, batch, hp, amp_dtype, ema_pairs, params)
+            step = t.step + 1  # the step this iteration completes
+            eval_now = bool(knn_every) and (step % knn_every == 0 or step == t.total_steps)
+            log_now = step % cfg.train.log_every == 0 or step == t.total_steps or eval_now
+            losses, grad_norm, stats = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=log_now)
             nonfinite |= ~torch.isfinite(losses.total.detach())
-            t.step += 1
+            t.step = step
             interval_steps += 1
-            eval_now = bool(knn_every) and (t.step % knn_every == 0 or t.step == t.total_steps)
-            if t.step % cfg.train.log_every == 0 or t.step == t.total_steps or eval_now:
+            if log_now:
                 check_finite()
-                # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), and the
-                # skipped-sample count of all ranks (mean x world size), in one all-reduce at logging steps only;
-                # grad_norm is already global. Then the host sync.
+                # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), the
+                # health metrics (per-rank values averaged) and the skipped-sample count of all ranks (mean x world
+                # size), in one all-reduce at logging steps only; grad_norm is already global. Then the host sync.
                 skipped = torch.tensor(float(data_skipped), device=env.device)
-                local = torch.stack([losses.total.detach().float(), losses.cls.detach().float(),
-                                     losses.patch.detach().float(), skipped])
-                values = torch.cat([all_reduce_mean(local), grad_norm.float().reshape(1)]).tolist()
+                koleo = [losses.koleo.detach().float()] if losses.koleo is not None else []
+                local = torch.cat([torch.stack([losses.total.detach().float(), losses.cls.detach().float(),
+                                                losses.patch.detach().float(), skipped, *koleo]), stats])
+                values = torch.cat([grad_norm.float().reshape(1), all_reduce_mean(local)]).tolist()
+                grad_norm_value, (loss, loss_cls, loss_patch, skipped_mean), rest = values[0], values[1:5], values[5:]
                 now = time.perf_counter()
                 last = {
-                    "step": t.step, "loss": values[0], "loss_cls": values[1], "loss_patch": values[2],
+                    "step": t.step, "loss": loss, "loss_cls": loss_cls, "loss_patch": loss_patch,
+                    **({"loss_koleo": rest.pop(0)} if koleo else {}),
                     "lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum,
                     "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
-                    "grad_norm": values[4], "img_per_s": images_per_step * interval_steps / (now - interval_start),
+                    "grad_norm": grad_norm_value,
+                    "img_per_s": images_per_step * interval_steps / (now - interval_start),
                     "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
-                    "data_skipped": round(values[3] * env.world_size),  # every rank's, since the last log line
+                    "data_skipped": round(skipped_mean * env.world_size),  # every rank's, since the last log line
+                    **dict(zip(HEALTH_KEYS, rest, strict=True)),
                 }
                 if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
                     last.update(knn_evaluator(t.model.teacher, env))
+                collapse = detector.update(t.step, last)  # a warning, once per kind of collapse
+                if collapse:
+                    last["collapse"] = collapse
                 per_step = (now - run_start) / max(t.step - run_start_step, 1)
                 metrics.log(last, eta_s=per_step * (t.total_steps - t.step))
+                detector.stop_if_asked(collapse)  # train.on_collapse=stop: after the record is written
                 if cfg.distributed.log_all_ranks and not env.is_main:  # launcher checks: every rank's view
                     with open(run_dir / f"metrics.rank{env.rank}.jsonl", "a") as f:
                         f.write(json.dumps(last) + "\n")
@@ -257,4 +279,6 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         metrics.close()
     if last and math.isfinite(last["loss"]):
         log.info("done: %d steps, final loss %.4f", t.step, last["loss"])
+    if last:
+        last["collapse"] = list(detector.fired)  # every collapse reported during this run (empty: none)
     return last

@@ -38,8 +38,10 @@ PY = sys.executable
 IN_CI = os.environ.get("IBOT_CI") == "1"
 STEPS = 6
 # Global batch 8 in every run; 6 steps with a checkpoint at 3; a learning rate large enough to move the weights.
-BASE = [*TINY_OVERRIDES, "model.drop_path=0", "optim.lr=0.05", f"train.steps={STEPS}", "checkpoint.every=3"]
-KEYS = ("loss", "loss_cls", "loss_patch", "grad_norm")
+# KoLeo on: its nearest neighbours are searched over the global batch, so ranks must agree with one process too.
+BASE = [*TINY_OVERRIDES, "model.drop_path=0", "optim.lr=0.05", f"train.steps={STEPS}", "checkpoint.every=3",
+        "loss.koleo_weight=0.1"]
+KEYS = ("loss", "loss_cls", "loss_patch", "loss_koleo", "grad_norm")
 
 
 def _env() -> dict[str, str]:

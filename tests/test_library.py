@@ -87,8 +87,9 @@ def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-# 24 images of 8: 3 steps per epoch, so 4 steps cross an epoch boundary; the last layer frozen for the first epoch.
-EXAMPLE_RUN = ("data.builtin_size=24", "train.steps=4", "optim.freeze_last_layer_epochs=1")
+# 24 images of 8: 3 steps per epoch, so 4 steps cross an epoch boundary; the last layer frozen for the first epoch;
+# KoLeo on (the demo recipe's regulariser, which the example adds to the loss itself).
+EXAMPLE_RUN = ("data.builtin_size=24", "train.steps=4", "optim.freeze_last_layer_epochs=1", "loss.koleo_weight=0.1")
 
 
 def test_pytorch_example_matches_our_loop(tmp_path):

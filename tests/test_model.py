@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.config import LossConfig, ModelConfig
+from engine.model.head import IBOTHead
 from engine.model.ibot import IBOT
 from engine.model.vit import VisionTransformer
 
@@ -28,7 +30,7 @@ def test_every_trainable_student_param_gets_a_gradient_and_no_teacher_param_does
     masks[3, 1:, 1:] = True
     idx = masks.flatten().nonzero().squeeze(1)
     teacher = model.teacher_forward(g, idx)
-    s_cls, s_patch = model.student(g, idx, masks, loc)
+    s_cls, s_patch, _ = model.student(g, idx, masks, loc)
     assert s_cls.shape == (2 * B + L * B, 64) and s_patch.shape == (idx.numel(), 64)
     loss = (s_cls.logsumexp(-1).sum() + s_patch.logsumexp(-1).sum() + (s_cls[:4] * teacher.cls_logits).sum())
     loss.backward()
@@ -111,3 +113,41 @@ def test_patch_center_rules():
     assert out_all.patch_count == 4 * 16 and out_masked.patch_count == 4
     torch.testing.assert_close(out_all.patch_logits, out_masked.patch_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_masked.patch_sum, out_masked.patch_logits.sum(0))
+
+
+def test_init_schemes_draw_the_documented_scales():
+    torch.manual_seed(0)
+    official = VisionTransformer("vit_tiny", patch_size=8, img_size=32)
+    xavier = VisionTransformer("vit_tiny", patch_size=8, img_size=32, init="xavier")
+    qkv_o, qkv_x = official.blocks[0].attn.qkv.weight, xavier.blocks[0].attn.qkv.weight  # [576, 192]
+    assert float(qkv_o.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(qkv_x.std()) == pytest.approx((2 / (192 + 576)) ** 0.5, rel=0.05)  # Xavier-uniform
+    assert float(qkv_x.abs().max()) <= (6 / (192 + 576)) ** 0.5
+    patch_x = xavier.patch_embed.weight.reshape(192, -1)  # Xavier over [D, 3 * p * p]
+    assert float(patch_x.std()) == pytest.approx((2 / (192 + 192)) ** 0.5, rel=0.05)
+    for vit in (official, xavier):
+        assert float(vit.pos_embed.std()) == pytest.approx(0.02, rel=0.1) and vit.blocks[0].attn.qkv.bias.eq(0).all()
+    with pytest.raises(ValueError, match=r"model\.init='kaiming'"):
+        VisionTransformer("vit_tiny", patch_size=8, img_size=32, init="kaiming")
+
+
+def test_networks_return_the_global_crops_backbone_cls_tokens():
+    model = _model()
+    model.eval()
+    g, loc = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)
+    masks = torch.zeros(4, 4, 4, dtype=torch.bool)
+    idx = masks.flatten().nonzero().squeeze(1)
+    out = model.student(g, idx, masks, loc)
+    torch.testing.assert_close(out.cls_tokens, model.student.backbone(g)[:, 0])
+    torch.testing.assert_close(model.teacher_forward(g, idx).cls_tokens, model.teacher.backbone(g)[:, 0])
+
+
+def test_head_last_layer_starts_like_the_official_head():
+    """v ~ nn.Linear's default U(+-1/sqrt(256)) (the official head builds its last layer after the trunc-normal init
+    of the MLP), g = 1; the MLP keeps trunc_normal(0.02)."""
+    torch.manual_seed(0)
+    head = IBOTHead(192, 4096, hidden_dim=512, bottleneck_dim=256)
+    v = head.last_layer.weight_v
+    assert float(v.abs().max()) <= 1 / 16 and float(v.std()) == pytest.approx(1 / 16 / 3**0.5, rel=0.02)
+    assert head.last_layer.weight_g.eq(1).all()
+    assert float(head.mlp[0].weight.std()) == pytest.approx(0.02, rel=0.05)

@@ -24,10 +24,15 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
     records = read_metrics(tmp_path)
-    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in records] == [1, 2, 3]
-    for event, record in zip(acc.Scalars("train/loss"), records):
+    steps = [r for r in records if "loss" in r]  # records[0] is the random-init k-NN (step 0)
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in steps] == [1, 2, 3]
+    for event, record in zip(acc.Scalars("train/loss"), steps):
         assert event.value == pytest.approx(record["loss"], rel=1e-6)
-    assert [e.value for e in acc.Scalars("eval/knn_top1")] == pytest.approx([records[-1]["knn_top1"]])
+    assert [e.step for e in acc.Scalars("eval/knn_top1")] == [0, 3]
+    assert [e.value for e in acc.Scalars("eval/knn_top1")] == pytest.approx([records[0]["knn_top1"],
+                                                                             records[-1]["knn_top1"]])
+    for key in ("teacher_cls_entropy_frac", "student_cls_std", "cls_center_norm"):  # training health
+        assert [e.value for e in acc.Scalars(f"health/{key}")] == pytest.approx([r[key] for r in steps], rel=1e-6)
 
 
 def test_missing_tensorboard_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):

@@ -65,6 +65,7 @@ from engine.config import DataConfig, MaskConfig
 from engine.data.folder import ImageFolderDataset
 from engine.data.loader import Batch, MultiCropCollate, Sample, SampleKey, sample_seed
 from engine.data.masking import generate_masks, masked_token_indices, seeded_rng
+from engine.data.synthetic import builtin_folder
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,15 @@ def list_source(src: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str
     """(path, label) pairs and class names of an image folder, a flat folder or a file list.
 
     A file list is a text file with one image path per line, optionally followed by whitespace and an integer
-    label; relative paths are relative to the list's folder.
+    label; relative paths are relative to the list's folder. `builtin:digits[:train|val]` names the folder of
+    scikit-learn's digit scans (engine/data/digits.py).
     """
+    if str(src).startswith("builtin:"):
+        folder = builtin_folder(str(src))
+        if folder is None:
+            raise ValueError(f"shard source {str(src)!r}: only the folder-backed built-in datasets (builtin:digits) "
+                             "can be written to shards; the generated ones are made on the fly")
+        src = folder
     src = Path(src)
     if src.is_dir():
         folder = ImageFolderDataset(src)

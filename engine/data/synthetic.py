@@ -19,6 +19,9 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from engine.data.digits import digits_folder
+from engine.data.folder import ImageFolderDataset
+
 CLASSES = [
     "circle",
     "ring",
@@ -238,15 +241,35 @@ class PatternsDataset(_GeneratedDataset):
 
 
 BUILTIN_DATASETS = {"shapes": ShapesDataset, "patterns": PatternsDataset}
+# Real images written once to an image folder (engine/data/digits.py); read like any user's folder.
+BUILTIN_FOLDERS = ("digits",)
 
 
-def builtin_dataset(spec: str, size: int, split: str = "train") -> torch.utils.data.Dataset:
-    """`builtin:NAME` or `builtin:NAME:SPLIT` (NAME in shapes, patterns; SPLIT in train, val)."""
+def _parse_builtin(spec: str, split: str) -> tuple[str, str]:
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] != "builtin" or parts[1] not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown built-in dataset {spec!r}; use builtin:NAME[:train|val] with NAME in "
-                         f"{sorted(BUILTIN_DATASETS)}")
+    names = sorted([*BUILTIN_DATASETS, *BUILTIN_FOLDERS])
+    if len(parts) not in (2, 3) or parts[0] != "builtin" or parts[1] not in names:
+        raise ValueError(f"unknown built-in dataset {spec!r}; use builtin:NAME[:train|val] with NAME in {names}")
     split = parts[2] if len(parts) == 3 else split
     if split not in _SPLITS:
         raise ValueError(f"unknown split in {spec!r}; use train or val")
-    return BUILTIN_DATASETS[parts[1]](size=size, seed=0, split=split)
+    return parts[1], split
+
+
+def builtin_folder(spec: str, split: str = "train") -> str | None:
+    """The image folder behind `builtin:NAME[:SPLIT]` for the folder-backed built-ins (digits), else None."""
+    name, split = _parse_builtin(spec, split)
+    if name not in BUILTIN_FOLDERS:
+        return None
+    return str(digits_folder(split))
+
+
+def builtin_dataset(spec: str, size: int, split: str = "train") -> torch.utils.data.Dataset:
+    """`builtin:NAME` or `builtin:NAME:SPLIT` (NAME in digits, patterns, shapes; SPLIT in train, val).
+
+    `size` is the number of generated images (patterns, shapes); the digits have their fixed 1,437 / 360."""
+    folder = builtin_folder(spec, split)
+    if folder is not None:
+        return ImageFolderDataset(folder)
+    name, split = _parse_builtin(spec, split)
+    return BUILTIN_DATASETS[name](size=size, seed=0, split=split)

@@ -16,17 +16,28 @@ Shapes: R rows (tokens), D embed dim, K prototypes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class WeightNormLinear(nn.Module):
+    """weight = g * v / ||v|| per output row, no bias.
+
+    v starts as `nn.Linear`'s default init, U(-1/sqrt(in), 1/sqrt(in)), as in the official DINO / iBOT head, which
+    builds its last layer *after* applying trunc_normal(0.02) to the MLP. The scale of v matters although the
+    forward divides it out: under AdamW each step moves every element of v by about lr, so a prototype turns by
+    about lr / |v_ij| radians per step; the 0.02 init this code once used turned the prototypes 1.8x faster than
+    the official head, which hastens their collapse onto one direction (uniform targets) in short runs.
+    """
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # = nn.Linear's default: U(+-1/sqrt(in_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_v * (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True))

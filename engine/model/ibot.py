@@ -24,16 +24,20 @@ from engine.objective import AllReduce, update_centers_
 from kernels import ema_update_
 
 
+class NetworkOutput(NamedTuple):
+    """What `IBOTNetwork.forward` returns (the student's outputs; the teacher's are `TeacherOutput`)."""
+
+    cls_logits: Tensor  # [(G+L)*B, K] head logits of every crop's cls token
+    patch_logits: Tensor  # [M, K] head logits of the selected patch tokens
+    cls_tokens: Tensor  # [G*B, D] backbone cls tokens of the global crops (KoLeo, training-health metrics)
+
+
 class TeacherOutput(NamedTuple):
     cls_logits: Tensor  # [G*B, K]
     patch_logits: Tensor  # [M, K]
     patch_sum: Tensor  # [K] fp32 sum of the teacher patch logits that define the patch centre
     patch_count: int  # how many rows patch_sum adds up
-
-
-class StudentOutput(NamedTuple):
-    cls_logits: Tensor  # [(G+L)*B, K]
-    patch_logits: Tensor  # [M, K]
+    cls_tokens: Tensor  # [G*B, D] backbone cls tokens (training-health metrics)
 
 
 class IBOTNetwork(nn.Module):
@@ -52,6 +56,7 @@ class IBOTNetwork(nn.Module):
             sdpa_backend=cfg.sdpa_backend,
             drop_path_impl=cfg.drop_path_impl,
             norm_layer=norm_layer(cfg.norm_impl),
+            init=cfg.init,
         )
         self.pack_crops = cfg.pack_crops and student
         self.head = IBOTHead(
@@ -69,9 +74,10 @@ class IBOTNetwork(nn.Module):
         mask_indices: Tensor | None,
         masks: Tensor | None = None,
         local_crops: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> NetworkOutput:
         """Logits of the cls tokens [(G+L)*B, K] and of the patch tokens picked by `mask_indices` [M, K]
-        (every patch token of the global crops when `mask_indices` is None)."""
+        (every patch token of the global crops when `mask_indices` is None), and the global crops' backbone cls
+        tokens [G*B, D]."""
         has_local = local_crops is not None and local_crops.shape[0] > 0
         if self.pack_crops and has_local:  # one pass of packed tokens for both resolutions
             tokens_g, tokens_l = self.backbone.forward_packed([(global_crops, masks), (local_crops, None)])
@@ -86,7 +92,7 @@ class IBOTNetwork(nn.Module):
             patches = patches.index_select(0, mask_indices)
         num_cls = sum(c.shape[0] for c in cls)
         logits = self.head(torch.cat([*cls, patches]))  # one head call for every row (DINOv2's trick)
-        return logits[:num_cls], logits[num_cls:]
+        return NetworkOutput(logits[:num_cls], logits[num_cls:], cls[0])
 
 
 class IBOT(nn.Module):
@@ -120,11 +126,12 @@ class IBOT(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, global_crops: Tensor, mask_indices: Tensor) -> TeacherOutput:
         if self.patch_center_rule == "all":
-            cls, patches_all = self.teacher(global_crops, None)  # head on every patch token (official centre)
+            cls, patches_all, tokens = self.teacher(global_crops, None)  # head on every patch (official centre)
             patch_sum = patches_all.sum(0, dtype=torch.float32)  # no fp32 copy of the [G*B*N, K] logits
-            return TeacherOutput(cls, patches_all.index_select(0, mask_indices), patch_sum, patches_all.shape[0])
-        cls, patches = self.teacher(global_crops, mask_indices)
-        return TeacherOutput(cls, patches, patches.sum(0, dtype=torch.float32), patches.shape[0])
+            return TeacherOutput(cls, patches_all.index_select(0, mask_indices), patch_sum, patches_all.shape[0],
+                                 tokens)
+        cls, patches, tokens = self.teacher(global_crops, mask_indices)
+        return TeacherOutput(cls, patches, patches.sum(0, dtype=torch.float32), patches.shape[0], tokens)
 
     @torch.no_grad()
     def update_centers(self, teacher: TeacherOutput, all_reduce: AllReduce | None = None) -> None:

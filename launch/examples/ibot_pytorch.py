@@ -22,7 +22,7 @@ from engine.data.dataloader import EpochKeySampler
 from engine.data.loader import MultiCropCollate, MultiCropDataset, build_dataset
 from engine.data.transforms import MultiCropTransform
 from engine.model.ibot import IBOT
-from engine.objective import ibot_loss
+from engine.objective import ibot_loss, koleo_loss
 from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.schedules import hyperparams_at
 from engine.train import autocast_dtype, total_steps_for
@@ -75,15 +75,17 @@ def main() -> None:
             apply_hyperparams(optimizer, hp.lr, hp.weight_decay)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)  # no grad, unmasked crops
-                student_cls, student_patch = model.student(
-                    batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
+                student = model.student(batch.global_crops, batch.mask_indices, batch.masks, batch.local_crops)
                 losses = ibot_loss(
-                    student_cls, teacher.cls_logits, student_patch, teacher.patch_logits, batch.masks,
+                    student.cls_logits, teacher.cls_logits, student.patch_logits, teacher.patch_logits, batch.masks,
                     model.cls_center, model.patch_center, hp.teacher_temp, hp.patch_teacher_temp,
                     cfg.loss.student_temp, num_global=cfg.data.num_global,
                     lambda_cls=cfg.loss.lambda_cls, lambda_patch=cfg.loss.lambda_patch,
                 )
-            losses.total.backward()
+                loss = losses.total
+                if cfg.loss.koleo_weight > 0:  # DINOv2's KoLeo on the student's global cls tokens
+                    loss = loss + cfg.loss.koleo_weight * koleo_loss(student.cls_tokens, cfg.data.num_global)
+            loss.backward()
             model.update_centers(teacher)  # EMA of the centres, after the loss used the old ones
             grad_norm = clip_gradients_(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
             if hp.freeze_last_layer:
@@ -95,7 +97,7 @@ def main() -> None:
                 ema_update_(teacher_params, student_params, hp.momentum)
             step += 1
             if step % cfg.train.log_every == 0 or step == total_steps:  # .item() waits for the device: log steps only
-                print(f"step {step}/{total_steps} loss {losses.total.item():.6f} cls {losses.cls.item():.6f} "
+                print(f"step {step}/{total_steps} loss {loss.item():.6f} cls {losses.cls.item():.6f} "
                       f"patch {losses.patch.item():.6f} grad_norm {grad_norm.item():.4f} lr {hp.lr:.3e}", flush=True)
 
     out = Path(cfg.run.dir)

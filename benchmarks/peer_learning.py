@@ -1,0 +1,279 @@
+"""Learning on real images, ours against lightly's iBOT example: same data, same number of steps, same k-NN.
+
+    python -m benchmarks.peer_learning          # 300 steps each, report -> results/peer_learning_cpu<N>core_<yyyymm>.md
+    python -m benchmarks.peer_learning --steps 60 --out /tmp/p.md
+    python -m benchmarks.peer_learning --quick --out /tmp/p.md   # smoke: a few steps, no claim
+
+Data: `builtin:digits` (scikit-learn's 1,797 handwritten-digit scans, 64 x 64 RGB, 1,437 train / 360 val).
+k-NN protocol for both, at random init and after training: the teacher backbone's cls token after its final norm,
+L2-normalised, weighted k-NN (k = 20, T = 0.07) with the train split as memory and the val split as queries, images
+resized to 64 px (`engine.knn`).
+
+* lightly: its iBOT example (lightly 1.6, `examples/pytorch/ibot.py`) changed only in size, as a user would run it on
+  this data: timm ViT-tiny patch 8 at 64 px (LayerScale 1e-5, MAE init as the example's wrapper does), K = 1024,
+  `IBOTTransform(global_crop_size=64, local_crop_size=32, n_local_views=4)` on a torchvision `ImageFolder`, batch 64,
+  its own schedules over the run's steps (teacher temperature 0.04 -> 0.07 over 30/50 of them, weight decay
+  0.04 -> 0.4, EMA 0.992 -> 1, AdamW at a constant 1e-3), its block masks.
+* ours: `ibot train --config launch/configs/digits.yaml` (the small-data recipe) for the same steps, the same
+  architecture, crop sizes, K and batch.
+
+The report records the machine, versions, command, both k-NN figures at init and after training, the wall time
+and the final training-health metrics of both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from benchmarks.common import RESULTS_DIR, environment, markdown_table, report_header, save_report
+from engine.config import load_config
+from engine.data.digits import digits_folder
+from engine.data.folder import ImageFolderDataset
+from engine.evaluate import teacher_backbone
+from engine.export import read_checkpoint
+from engine.health import HEALTH_KEYS, health_metrics
+from engine.knn import extract_features, weighted_knn
+from engine.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "launch" / "configs" / "digits.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lightly's example, ported (its model pieces and loop body; also the whole-step parity test's peer)
+
+
+class LightlyExample(torch.nn.Module):
+    """The example's `IBOT` module, sized: timm ViT (LayerScale 1e-5, MAE init by lightly's wrapper, learned
+    position embedding resampled for other crop sizes), student = a copy of the teacher with uniform drop path, a
+    separately initialised teacher head with a frozen gain, the student head with a free one."""
+
+    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
+                 out_dim: int = 1024, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 drop_path: float = 0.1) -> None:
+        super().__init__()
+        from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
+        from lightly.models.utils import update_drop_path_rate
+        from timm.models.vision_transformer import VisionTransformer
+
+        vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                num_heads=num_heads, pos_embed="learn", dynamic_img_size=True, init_values=1e-5,
+                                num_classes=0)
+        self.teacher_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
+        self.student_backbone = copy.deepcopy(self.teacher_backbone)
+        if drop_path > 0:
+            update_drop_path_rate(self.student_backbone.vit, drop_path_rate=drop_path, mode="uniform")
+        self.student_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim, norm_last_layer=False)
+        self.teacher_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim)
+        for module in (self.teacher_backbone, self.teacher_head):
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> LightlyExample:
+        super().train(mode)
+        self.teacher_backbone.eval()
+        self.teacher_head.eval()
+        return self
+
+
+def lightly_schedules(step: int, total_steps: int, warmup_steps: int) -> dict[str, float]:
+    """The example's per-step values: teacher temperature, weight decay, EMA momentum."""
+    from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
+
+    return {
+        "teacher_temp": linear_warmup_schedule(step=step, warmup_steps=warmup_steps, start_value=0.04,
+                                               end_value=0.07),
+        "weight_decay": cosine_schedule(step=step, max_steps=total_steps, start_value=0.04, end_value=0.4),
+        "momentum": cosine_schedule(step=step, max_steps=total_steps, start_value=0.992, end_value=1.0),
+    }
+
+
+def lightly_example_step(peer: LightlyExample, optimizer: torch.optim.Optimizer, dino: Any, ibot_patch: Any,
+                         global_views: Tensor, local_views: Tensor, block_mask: Tensor, *, step: int,
+                         total_steps: int, warmup_steps: int, grads: bool = False) -> dict[str, Any]:
+    """One iteration of the example's loop body, in its order: teacher, student, `DINOLoss` + `IBOTPatchLoss`
+    (each updates its centre after computing the loss), backward, weight decay schedule, AdamW step, EMA.
+
+    global_views [2B, 3, H, W] and local_views [L*B, 3, h, w] view-major, block_mask [2B, H/p, W/p] bool. Returns the
+    two losses and, with `grads`, a copy of the student gradients the optimizer applied (keyed "backbone.<name>" /
+    "head.<name>")."""
+    from lightly.models.utils import update_momentum
+
+    s = lightly_schedules(step, total_steps, warmup_steps)
+    num_views = (global_views.shape[0] + local_views.shape[0]) // (global_views.shape[0] // 2)
+    mask = torch.cat([block_mask.new_zeros(block_mask.shape[0], 1), block_mask.flatten(1)], dim=1)  # + cls column
+    with torch.no_grad():
+        teacher_features = peer.teacher_backbone.encode(global_views)
+        teacher_cls_out = peer.teacher_head(teacher_features[:, 0])
+        teacher_masked_out = peer.teacher_head(teacher_features[mask])
+    student_global = peer.student_backbone.encode(global_views, mask=mask)
+    student_global_cls_out = peer.student_head(student_global[:, 0])
+    student_global_masked_out = peer.student_head(student_global[mask])
+    student_local_cls_out = peer.student_head(peer.student_backbone.encode(local_views)[:, 0])
+    student_cls_out = torch.cat([student_global_cls_out, student_local_cls_out])
+    center = dino.center.detach().clone()  # the centre this step's targets use (DINOLoss updates it in the call)
+    dino_loss = dino(teacher_out=teacher_cls_out.chunk(2), student_out=student_cls_out.chunk(num_views),
+                     teacher_temp=s["teacher_temp"])
+    ibot_loss = ibot_patch(teacher_out=teacher_masked_out, student_out=student_global_masked_out, mask=block_mask,
+                           teacher_temp=s["teacher_temp"])
+    (dino_loss + ibot_loss).backward()
+    peer.student_head.cancel_last_layer_gradients(0)  # the example's call; freeze_last_layer=-1: a no-op
+    for group in optimizer.param_groups:
+        if group["weight_decay"] != 0.0:
+            group["weight_decay"] = s["weight_decay"]
+    with torch.no_grad():  # the same training-health numbers as ours (engine/health.py)
+        health = health_metrics(teacher_cls_out, teacher_cls_out[:0], center.flatten(), center.flatten(),
+                                s["teacher_temp"], s["teacher_temp"], student_global[:, 0], teacher_features[:, 0])
+    out: dict[str, Any] = {"loss_cls": dino_loss.detach(), "loss_patch": ibot_loss.detach(),
+                           "health": dict(zip(HEALTH_KEYS, health.tolist(), strict=True))}
+    if grads:
+        out["grads"] = {**{f"backbone.{k}": p.grad.clone() for k, p in peer.student_backbone.named_parameters()},
+                        **{f"head.{k}": p.grad.clone() for k, p in peer.student_head.named_parameters()}}
+    optimizer.step()
+    optimizer.zero_grad()
+    update_momentum(peer.student_backbone, peer.teacher_backbone, m=s["momentum"])
+    update_momentum(peer.student_head, peer.teacher_head, m=s["momentum"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two runs
+
+
+def knn_top1(backbone: Any) -> float:
+    """The k-NN protocol of this benchmark (see the module docstring): top-1 in percent."""
+    train_set, val_set = ImageFolderDataset(digits_folder("train")), ImageFolderDataset(digits_folder("val"))
+    train_x, train_y = extract_features(backbone, train_set, image_size=64, batch_size=256)
+    val_x, val_y = extract_features(backbone, val_set, image_size=64, batch_size=256)
+    return weighted_knn(train_x, train_y, val_x, val_y, k=20, temperature=0.07)["top1"]
+
+
+class _Encode(torch.nn.Module):
+    """lightly's backbone as a `forward(images) -> tokens` module for `extract_features`."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.encode(images)
+
+
+def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50) -> dict[str, Any]:
+    import torchvision
+    from lightly.loss import DINOLoss, IBOTPatchLoss
+    from lightly.models.utils import random_block_mask
+    from lightly.transforms.ibot_transform import IBOTTransform
+
+    torch.manual_seed(seed)
+    random.seed(seed)  # lightly's block masks draw from Python's random
+    peer = LightlyExample(img_size=64, patch_size=8)
+    init = knn_top1(_Encode(peer.teacher_backbone))
+    dataset = torchvision.datasets.ImageFolder(str(digits_folder("train")),
+                                               transform=IBOTTransform(global_crop_size=64, local_crop_size=32,
+                                                                       n_local_views=4))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True, num_workers=workers)
+    dino, ibot_patch = DINOLoss(output_dim=1024, teacher_temp=0.07), IBOTPatchLoss(output_dim=1024, teacher_temp=0.07)
+    optimizer = torch.optim.AdamW(peer.parameters(), lr=0.001)  # the example's: every parameter, weight decay too
+    warmup = int(30 / 50 * steps)  # the example: 30 of its 50 epochs
+    peer.train()
+    start, step, losses = time.perf_counter(), 0, []
+    while step < steps:
+        for views, _ in loader:
+            global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
+            block_mask = random_block_mask(size=(global_views.shape[0], 8, 8))
+            out = lightly_example_step(peer, optimizer, dino, ibot_patch, global_views, local_views, block_mask,
+                                       step=step, total_steps=steps, warmup_steps=warmup)
+            step += 1
+            if step % log_every == 0 or step == steps:
+                losses.append({"step": step, "loss_cls": float(out["loss_cls"]),
+                               "loss_patch": float(out["loss_patch"]),
+                               **{k: out["health"][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}})
+                print(f"lightly step {step}/{steps}: {losses[-1]}", flush=True)
+            if step == steps:
+                break
+    seconds = time.perf_counter() - start
+    return {"init": init, "final": knn_top1(_Encode(peer.teacher_backbone)), "seconds": seconds, "losses": losses,
+            "health": {k: losses[-1][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}}
+
+
+def run_ours(steps: int, *, workers: int, run_dir: Path) -> dict[str, Any]:
+    cfg = load_config(RECIPE, [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
+                               "checkpoint.every=0", "checkpoint.resume=none"])
+    init = knn_top1(teacher_backbone(cfg, None, torch.device("cpu")))
+    # A stronger baseline than the init (whose LayerScale 1e-5 gives every image nearly the same feature): the same
+    # ViT randomly initialised without LayerScale, i.e. random features.
+    plain = load_config(RECIPE, ["model.layerscale=0"])
+    random_features = knn_top1(teacher_backbone(plain, None, torch.device("cpu")))
+    start = time.perf_counter()
+    last = train(cfg)
+    seconds = time.perf_counter() - start
+    state, cfg, _ = read_checkpoint(run_dir)
+    final = knn_top1(teacher_backbone(cfg, state, torch.device("cpu")))
+    health = {k: last[k] for k in ("teacher_cls_entropy_frac", "teacher_cls_batch_entropy_frac",
+                                   "student_cls_std", "teacher_cls_std") if k in last}
+    return {"init": init, "random_features": random_features, "final": final, "seconds": seconds,
+            "collapse": last.get("collapse", []),
+            "health": health, "loss": last.get("loss"), "knn_logged": last.get("knn_top1")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a few steps: a smoke test, never a result")
+    p.add_argument("--only", choices=["ours", "lightly"], help="run one side only")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    steps = 4 if args.quick else args.steps
+    env = environment("cpu", "benchmarks.peer_learning")
+    import lightly
+    import timm
+
+    env.update({"lightly": lightly.__version__, "timm": timm.__version__, "threads": str(torch.get_num_threads())})
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "ours"):
+            results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours")
+        if args.only in (None, "lightly"):
+            results["lightly"] = run_lightly(steps, workers=args.workers)
+    names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
+    rows = [[names[k], f"{r['init']:.1f}%", f"{r['final']:.1f}%", f"{r['final'] - r['init']:+.1f}",
+             f"{r['seconds'] / 60:.1f} min"] for k, r in results.items()]
+    lines = [*report_header(f"Learning on digits, {steps} steps: ours vs lightly's iBOT example", env), "",
+             markdown_table(["run", "k-NN top-1 at init", f"after {steps} steps", "gain (points)", "train time"],
+                            rows), ""]
+    if "ours" in results and "lightly" in results:
+        gap = results["ours"]["final"] - results["lightly"]["final"]
+        lines.append(f"Ours minus lightly after {steps} steps: {gap:+.1f} points of k-NN top-1 "
+                     f"(train time ratio ours / lightly: "
+                     f"{results['ours']['seconds'] / results['lightly']['seconds']:.2f}, same machine, one run).")
+    if "ours" in results:
+        lines.append(f"Random features (our ViT-tiny at random init without LayerScale, no training): "
+                     f"{results['ours']['random_features']:.1f}%; ours after {steps} steps: "
+                     f"{results['ours']['final'] - results['ours']['random_features']:+.1f} points over it.")
+        lines.append(f"Our final training health: {json.dumps(results['ours']['health'])}; collapse warnings: "
+                     f"{results['ours']['collapse'] or 'none'}.")
+    if "lightly" in results:
+        lines.append(f"lightly's final training health (same formulas): {json.dumps(results['lightly']['health'])}.")
+    lines += ["", "```json", json.dumps(results, indent=1, default=float), "```", ""]
+    out = args.out
+    if out is None and not args.quick:  # a full CPU run is the result this script exists for (unlike speed runs)
+        out = RESULTS_DIR / f"peer_learning_cpu{os.cpu_count()}core_{datetime.datetime.now(datetime.UTC):%Y%m}.md"
+    save_report("\n".join(lines), "peer_learning", "cpu", out, args.quick)
+
+
+if __name__ == "__main__":
+    main()

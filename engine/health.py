@@ -1,0 +1,178 @@
+"""Training-health metrics and the collapse detector.
+
+Self-distillation fails quietly: the loss looks fine while every image gets the same teacher output (the centred
+targets turn uniform, or one prototype takes the whole batch) and the features stop meaning anything. These
+metrics show it as it happens; they are computed on the device, only on logging steps, from tensors the step
+already has, and read back in the logging all-reduce (no extra host sync):
+
+    teacher_cls_entropy        mean over rows of H(p_t), p_t = softmax((t - c) / tau_t), the targets the loss uses
+    teacher_cls_entropy_frac   the same / ln K: 1 = uniform targets (collapse), small = confident targets
+    teacher_cls_batch_entropy_frac   H(mean_rows p_t) / ln K: near 0 = one prototype takes the batch (collapse)
+    teacher_cls_max_prob       mean over rows of max_k p_t
+    teacher_patch_entropy(_frac), teacher_patch_max_prob   the same over the masked patch targets
+    cls_center_norm, patch_center_norm   ||c||, ||c_patch|| (zero with Sinkhorn-Knopp targets)
+    student_cls_std, teacher_cls_std   std over the batch of the L2-normalised backbone cls tokens of the global
+                               crops, averaged over dimensions: about 1 / sqrt(D) for spread-out features, 0 when
+                               every image has the same embedding (collapse); per rank, averaged over ranks
+
+With Sinkhorn-Knopp targets, p_t is the Sinkhorn-Knopp target distribution.
+
+`CollapseDetector` reads the logged values: when, for `PATIENCE` logging steps in a row, the teacher's cls targets
+are near uniform (entropy above `UNIFORM_FRAC` of ln K), or one prototype takes the batch (batch entropy below
+`ONE_HOT_FRAC` of ln K), or the student's or teacher's embedding spread falls below `STD_FRAC` / sqrt(D), it warns
+once, naming the metric, its value and the step (`train.on_collapse=warn`), or stops the run with
+`TrainingCollapsedError` (`train.on_collapse=stop`; the last checkpoint before it is kept). It starts watching at
+`start_step` (the trainer passes 10% of the run): a freshly initialised network maps every image to nearly the same
+output (with LayerScale 1e-5 exactly the same), so near-uniform targets in the first steps are the starting point,
+not a collapse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+HEALTH_KEYS = (
+    "teacher_cls_entropy", "teacher_cls_entropy_frac", "teacher_cls_batch_entropy_frac", "teacher_cls_max_prob",
+    "teacher_patch_entropy", "teacher_patch_entropy_frac", "teacher_patch_max_prob",
+    "cls_center_norm", "patch_center_norm", "student_cls_std", "teacher_cls_std",
+)
+
+# Uniform: mean row entropy above 99.9% of ln K, i.e. the targets are uniform to three decimals and the cls term has
+# nothing left to teach. Calibrated on 300-step digits runs (README "Learning on real data"): every run whose features
+# stalled or unlearned sat at 0.9995-1.0000 from early on, while runs that learned (83% k-NN) sat at 0.97-0.998 -- a
+# short run's targets stay near uniform even when it learns (lightly's example too), so 0.98 would flag them all.
+UNIFORM_FRAC = 0.999
+ONE_HOT_FRAC = 0.05  # entropy of the batch-mean target below 5% of ln K: one prototype for every image
+STD_FRAC = 0.05  # embedding spread below 5% of a random direction's 1/sqrt(D): (almost) one embedding for all
+PATIENCE = 3  # logging steps in a row
+
+
+class TrainingCollapsedError(RuntimeError):
+    """The collapse detector fired with `train.on_collapse=stop`."""
+
+
+def _target_stats(logits: Tensor, center: Tensor, temp: float, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum of row entropies, sum of row max probabilities, sum of the rows' probabilities [K]) of
+    softmax((logits - center) / temp) in fp32, `chunk` rows at a time (bounded memory for many patch rows)."""
+    entropy = logits.new_zeros((), dtype=torch.float32)
+    max_prob = logits.new_zeros((), dtype=torch.float32)
+    prob_sum = logits.new_zeros(logits.shape[-1], dtype=torch.float32)
+    for part in logits.split(chunk):
+        log_p = F.log_softmax((part.float() - center.float()) / temp, dim=-1)
+        p = log_p.exp()
+        entropy += -(p * log_p).sum()
+        max_prob += p.amax(dim=-1).sum()
+        prob_sum += p.sum(0)
+    return entropy, max_prob, prob_sum
+
+
+def embedding_std(tokens: Tensor) -> Tensor:
+    """Std over rows of the L2-normalised rows, averaged over dimensions (fp32; 0 when all rows are equal)."""
+    x = F.normalize(tokens.float(), dim=-1)
+    return x.std(dim=0, correction=0).mean() if x.shape[0] > 1 else x.new_zeros(())
+
+
+@torch.no_grad()
+def health_metrics(
+    teacher_cls: Tensor,
+    teacher_patch: Tensor,
+    cls_center: Tensor,
+    patch_center: Tensor,
+    teacher_temp: float,
+    patch_teacher_temp: float,
+    student_cls_tokens: Tensor,
+    teacher_cls_tokens: Tensor,
+) -> Tensor:
+    """The `HEALTH_KEYS` values, in that order, as one fp32 device tensor (no host sync).
+
+    Args:
+        teacher_cls: [G*B, K] teacher cls logits (or Sinkhorn-Knopp log-targets with centre 0 and temperature 1).
+        teacher_patch: [M, K] teacher logits of the masked tokens (M may be 0: the patch values are then NaN).
+        cls_center, patch_center: [K] the centres the loss used.
+        teacher_temp, patch_teacher_temp: the temperatures the loss used.
+        student_cls_tokens, teacher_cls_tokens: [G*B, D] backbone cls tokens of the global crops.
+    """
+    log_k = math.log(teacher_cls.shape[-1])
+    n_cls, n_patch = teacher_cls.shape[0], teacher_patch.shape[0]  # host ints: shapes, no sync
+    cls_entropy, cls_max, cls_probs = _target_stats(teacher_cls, cls_center, teacher_temp)
+    cls_entropy, cls_max = cls_entropy / n_cls, cls_max / n_cls
+    mean_p = cls_probs / n_cls
+    batch_entropy = -(mean_p * mean_p.clamp(min=1e-30).log()).sum()
+    if n_patch:
+        patch_entropy, patch_max, _ = _target_stats(teacher_patch, patch_center, patch_teacher_temp)
+        patch_entropy, patch_max = patch_entropy / n_patch, patch_max / n_patch
+    else:
+        patch_entropy = patch_max = teacher_cls.new_full((), float("nan"), dtype=torch.float32)
+    return torch.stack([
+        cls_entropy, cls_entropy / log_k, batch_entropy / log_k, cls_max,
+        patch_entropy, patch_entropy / log_k, patch_max,
+        torch.linalg.vector_norm(cls_center.float()), torch.linalg.vector_norm(patch_center.float()),
+        embedding_std(student_cls_tokens), embedding_std(teacher_cls_tokens),
+    ])
+
+
+class CollapseDetector:
+    """Watches the logged health metrics (host floats, at logging steps) for a collapse that persists.
+
+    Args:
+        embed_dim: D of the backbone (the spread of random directions is 1 / sqrt(D)).
+        on_collapse: `warn` (log one warning per kind of collapse) or `stop` (raise `TrainingCollapsedError`).
+        patience: logging steps in a row a condition must hold.
+        start_step: logging steps before this one are not watched (the network's starting point).
+    """
+
+    def __init__(self, embed_dim: int, on_collapse: str = "warn", patience: int = PATIENCE,
+                 start_step: int = 0) -> None:
+        if on_collapse not in ("warn", "stop"):
+            raise ValueError(f"train.on_collapse={on_collapse!r}: warn or stop")
+        self.min_std = STD_FRAC / math.sqrt(embed_dim)
+        self.on_collapse = on_collapse
+        self.patience = patience
+        self.start_step = start_step
+        self.streaks: dict[str, int] = {}
+        self.fired: list[str] = []  # messages of the collapses reported so far
+        self.fired_kinds: set[str] = set()
+
+    def conditions(self, m: dict[str, float]) -> dict[str, str]:
+        """The collapse conditions that hold in the metrics `m` of one logging step: {kind: description}."""
+        found = {}
+        if m["teacher_cls_entropy_frac"] > UNIFORM_FRAC:
+            found["uniform"] = (f"teacher_cls_entropy_frac={m['teacher_cls_entropy_frac']:.4f} > {UNIFORM_FRAC}: "
+                                "the teacher's cls targets are near uniform")
+        if m["teacher_cls_batch_entropy_frac"] < ONE_HOT_FRAC:
+            found["one_hot"] = (f"teacher_cls_batch_entropy_frac={m['teacher_cls_batch_entropy_frac']:.4f} < "
+                                f"{ONE_HOT_FRAC}: one prototype takes the whole batch (near one-hot targets)")
+        for who in ("student", "teacher"):
+            key = f"{who}_cls_std"
+            if m[key] < self.min_std:
+                found[key] = (f"{key}={m[key]:.2e} < {self.min_std:.2e}: the {who}'s cls embeddings are nearly the "
+                              "same for every image")
+        return found
+
+    def update(self, step: int, m: dict[str, float]) -> list[str]:
+        """Feed one logging step's metrics; returns the messages of collapses first reported now (each kind is
+        reported once per run, as a warning). Call `stop_if_asked` with them once the step's record is written."""
+        found = self.conditions(m) if step >= self.start_step else {}
+        self.streaks = {kind: self.streaks.get(kind, 0) + 1 for kind in found}
+        new = []
+        for kind, why in found.items():
+            if self.streaks[kind] == self.patience and kind not in self.fired_kinds:
+                message = (f"[{kind}] training collapse at step {step}: {why}, for {self.patience} logging steps in "
+                           "a row. The features are not learning; see README 'Training health' for the usual causes.")
+                self.fired_kinds.add(kind)
+                self.fired.append(message)
+                new.append(message)
+                log.warning(message)
+        return new
+
+    def stop_if_asked(self, messages: list[str]) -> None:
+        """With `on_collapse=stop`, raise `TrainingCollapsedError` for the collapse `update` just reported."""
+        if messages and self.on_collapse == "stop":
+            raise TrainingCollapsedError(messages[0] + " Stopping (train.on_collapse=stop).")
