@@ -217,6 +217,12 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
 
     t.model.train()
     if knn_every and t.step == 0:  # the random-init baseline the k-NN curve starts from
+        if cfg.distributed.strategy == "fsdp":
+            # FSDP2 sets its units up at the root's first forward; the k-NN runs the backbone alone, which would make
+            # each block a root. One forward of the teacher root first (a blank image, no grad, no RNG draw).
+            size = cfg.data.global_size
+            with torch.no_grad():
+                t.model.teacher(torch.zeros(1, 3, size, size, device=env.device), None)
         metrics.log({"step": 0, **knn_evaluator(t.model.teacher, env)}, eta_s=0.0)
         interval_start = run_start = time.perf_counter()
     data_iter = iter(t.data)

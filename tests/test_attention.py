@@ -149,7 +149,7 @@ def test_student_network_with_packed_crops_equals_unpacked():
         net = IBOTNetwork(cfg.model, student=True).train()
         g, loc, m = _inputs()
         idx = m.flatten().nonzero().squeeze(1)
-        cls, patch = net(g, idx, m, loc)
+        cls, patch, _ = net(g, idx, m, loc)
         (cls.logsumexp(-1).sum() + patch.pow(2).mean()).backward()
         return cls.detach(), patch.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 

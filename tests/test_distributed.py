@@ -339,17 +339,19 @@ def test_two_ranks_equal_one_process_through_the_cli(runs, strategy):
 @pytest.mark.distributed
 def test_knn_during_fsdp_training_equals_the_eval_of_its_checkpoint(runs, tmp_path):
     """eval.knn_every under FSDP2 (the sharded teacher's root gathered around a backbone-only pass): training is
-    unchanged, and the logged k-NN equals `ibot eval knn` of the final checkpoint."""
+    unchanged, the step-0 k-NN equals `ibot eval knn --random-init` and the last equals that of the final checkpoint."""
     run = tmp_path / "fsdp_knn"
     _train(run, "train.batch_size=4", "distributed.strategy=fsdp", f"eval.knn_every={STEPS}", nproc=2)
     records = read_metrics(run)
     _assert_losses_match(records, read_metrics(runs.get("none")), range(1, STEPS + 1))
     logged = [r for r in records if "knn_top1" in r]
-    assert [r["step"] for r in logged] == [STEPS]
-    out = tmp_path / "knn.json"
-    _run_session([PY, "-m", "engine", "eval", "knn", "--checkpoint", str(run), "--out", str(out)], _env(), 300)
-    result = json.loads(out.read_text())
-    assert (result["top1"], result["top5"]) == pytest.approx((logged[0]["knn_top1"], logged[0]["knn_top5"]))
+    assert [r["step"] for r in logged] == [0, STEPS]  # the random-init baseline, then the last step
+    for record, source in ((logged[0], ["--random-init", "--config", str(run / "config.yaml")]),
+                           (logged[1], ["--checkpoint", str(run)])):
+        out = tmp_path / "knn.json"
+        _run_session([PY, "-m", "engine", "eval", "knn", *source, "--out", str(out)], _env(), 300)
+        result = json.loads(out.read_text())
+        assert (result["top1"], result["top5"]) == pytest.approx((record["knn_top1"], record["knn_top5"]))
 
 
 @pytest.mark.slow

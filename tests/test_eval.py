@@ -204,8 +204,12 @@ def test_knn_every_logs_knn_and_leaves_training_unchanged(tmp_path):
     train(load_config(None, [*base, f"run.dir={tmp_path / 'eval'}", "eval.knn_every=2", "eval.k=5",
                              "train.log_every=3"]))
     plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "eval")
-    assert [r["step"] for r in evaluated] == [2, 3, 4]  # log_every 3, plus the k-NN steps 2 and 4
-    assert [("knn_top1" in r, "knn_top5" in r) for r in evaluated] == [(True, True), (False, False), (True, True)]
+    # The random-init baseline at step 0, then log_every 3 plus the k-NN steps 2 and 4.
+    assert [r["step"] for r in evaluated] == [0, 2, 3, 4]
+    assert [("knn_top1" in r, "knn_top5" in r) for r in evaluated] == [(True, True), (True, True), (False, False),
+                                                                       (True, True)]
+    assert "loss" not in evaluated[0]  # the baseline record is the k-NN only
+    evaluated = evaluated[1:]
     for r in evaluated:
         if "knn_top1" in r:
             assert 0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0
