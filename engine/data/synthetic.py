@@ -268,8 +268,7 @@ def builtin_dataset(spec: str, size: int, split: str = "train") -> torch.utils.d
     """`builtin:NAME` or `builtin:NAME:SPLIT` (NAME in digits, patterns, shapes; SPLIT in train, val).
 
     `size` is the number of generated images (patterns, shapes); the digits have their fixed 1,437 / 360."""
-    folder = builtin_folder(spec, split)
-    if folder is not None:
-        return ImageFolderDataset(folder)
     name, split = _parse_builtin(spec, split)
+    if name in BUILTIN_FOLDERS:
+        return ImageFolderDataset(digits_folder(split))
     return BUILTIN_DATASETS[name](size=size, seed=0, split=split)
