@@ -171,7 +171,7 @@ class _Encode(torch.nn.Module):
         return self.backbone.encode(images)
 
 
-def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50) -> dict[str, Any]:
+def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50, knn_every: int = 0) -> dict[str, Any]:
     import torchvision
     from lightly.loss import DINOLoss, IBOTPatchLoss
     from lightly.models.utils import random_block_mask
@@ -189,7 +189,7 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50)
     optimizer = torch.optim.AdamW(peer.parameters(), lr=0.001)  # the example's: every parameter, weight decay too
     warmup = int(30 / 50 * steps)  # the example: 30 of its 50 epochs
     peer.train()
-    start, step, losses = time.perf_counter(), 0, []
+    start, step, losses, curve = time.perf_counter(), 0, [], {0: init}
     while step < steps:
         for views, _ in loader:
             global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
@@ -202,10 +202,15 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50)
                                "loss_patch": float(out["loss_patch"]),
                                **{k: out["health"][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}})
                 print(f"lightly step {step}/{steps}: {losses[-1]}", flush=True)
+            if knn_every and step % knn_every == 0 and step < steps:
+                curve[step] = knn_top1(_Encode(peer.teacher_backbone))
+                print(f"lightly step {step}/{steps}: k-NN top-1 {curve[step]:.1f}%", flush=True)
+                peer.train()
             if step == steps:
                 break
     seconds = time.perf_counter() - start
-    return {"init": init, "final": knn_top1(_Encode(peer.teacher_backbone)), "seconds": seconds, "losses": losses,
+    curve[steps] = knn_top1(_Encode(peer.teacher_backbone))
+    return {"init": init, "final": curve[steps], "curve": curve, "seconds": seconds, "losses": losses,
             "health": {k: losses[-1][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}}
 
 
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few steps: a smoke test, never a result")
     p.add_argument("--only", choices=["ours", "lightly"], help="run one side only")
+    p.add_argument("--knn-every", type=int, default=100, help="k-NN of both runs every N steps (a learning curve)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     steps = 4 if args.quick else args.steps
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.only in (None, "ours"):
             results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours")
         if args.only in (None, "lightly"):
-            results["lightly"] = run_lightly(steps, workers=args.workers)
+            results["lightly"] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every)
     names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
     rows = [[names[k], f"{r['init']:.1f}%", f"{r['final']:.1f}%", f"{r['final'] - r['init']:+.1f}",
              f"{r['seconds'] / 60:.1f} min"] for k, r in results.items()]
