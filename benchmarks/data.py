@@ -35,7 +35,8 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, device_name, device_slug, git_sha, markdown_table
 from engine.config import DataConfig, MaskConfig
-from engine.data.shards import MANIFEST, build_shard_stream
+from engine.data.shards.resolve import MANIFEST
+from engine.data.shards.stream import build_shard_stream
 
 VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (targets.md)
 

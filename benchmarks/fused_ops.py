@@ -22,7 +22,7 @@ from benchmarks.common import bench, environment, markdown_table, report_header,
 from engine.accel import fused_adam, nvidia_apex
 from engine.config import load_config
 from engine.model.ibot import IBOTNetwork
-from engine.optim import apply_hyperparams, build_optimizer, param_groups
+from engine.train.optim import apply_hyperparams, build_optimizer, param_groups
 
 log = logging.getLogger("benchmarks.fused_ops")
 

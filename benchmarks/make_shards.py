@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from engine.data.shards import write_shards
+from engine.data.shards.write import write_shards
 
 PHOTOGRAPHS = (
     "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_left.png",

@@ -38,14 +38,14 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import RESULTS_DIR, environment, markdown_table, report_header, save_report
+from engine.checkpoint import read_checkpoint
 from engine.config import load_config
 from engine.data.digits import digits_folder
 from engine.data.folder import ImageFolderDataset
-from engine.evaluate import teacher_backbone
-from engine.export import read_checkpoint
+from engine.eval.features import extract_features, teacher_backbone
+from engine.eval.knn import weighted_knn
 from engine.health import HEALTH_KEYS, health_metrics
-from engine.knn import extract_features, weighted_knn
-from engine.train import train
+from engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "launch" / "configs" / "digits.yaml"

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.config import Config, config_from_dict
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})(\.pt)?$")
@@ -273,6 +275,24 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         if found is not None:
             return found
     raise ValueError(f"checkpoint {str(path)!r}: not a checkpoint or a run directory with checkpoints")
+
+
+def read_checkpoint(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
+    """The model state dict, config (a `Config`) and path of a checkpoint, or of a run directory's latest one.
+
+    The one place the evaluation, export and visualisation commands read a checkpoint, so a change of checkpoint
+    format changes one function.
+    """
+    try:
+        path = resolve_checkpoint_path(checkpoint)
+    except ValueError:
+        raise ValueError(f"--checkpoint {str(checkpoint)!r}: not a checkpoint or a run directory with checkpoints"
+                         ) from None
+    ckpt = load_consolidated(path)  # full tensors on the CPU, whatever strategy and world size saved it
+    for key in ("model", "config"):
+        if not ckpt.get(key):
+            raise ValueError(f"checkpoint {str(path)!r} has no {key!r} entry")
+    return ckpt["model"], config_from_dict(ckpt["config"]), path
 
 
 def load_consolidated(path: str | Path, prefixes: tuple[str, ...] = ("model.",)) -> dict[str, Any]:

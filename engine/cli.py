@@ -122,29 +122,31 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Each command imports its modules when it runs: `ibot --help`, a config error or `ibot plot` do not pay for
+    # torch, torchvision and the model (seconds on a small machine).
     try:
         if args.command == "train":
-            from engine.train import train
+            from engine.train.loop import train
 
             train(load_config(args.config, args.overrides))
         elif args.command == "demo":
-            from engine.demo import run_demo
+            from engine.tools.demo import run_demo
 
             run_demo(load_config(args.config, args.overrides))
         elif args.command == "eval":
-            from engine.evaluate import knn_main, linear_main
+            from engine.eval.command import knn_main, linear_main
 
             (knn_main if args.eval_command == "knn" else linear_main)(args)
         elif args.command == "export":
-            from engine.export import export_main
+            from engine.tools.export import export_main
 
             export_main(args)
         elif args.command == "visualize":
-            from engine.visualize import visualize_main
+            from engine.tools.visualize import visualize_main
 
             visualize_main(args)
         elif args.command == "shards":
-            from engine.data.shards import write_shards
+            from engine.data.shards.write import write_shards
 
             manifest = write_shards(
                 args.src, args.out, max_count=args.max_count, max_size=args.max_size, max_side=args.max_side,
@@ -153,16 +155,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{manifest['total']} images in {len(manifest['shards'])} shards under {args.out}; "
                   f"{len(manifest['skipped'])} unreadable files skipped (listed in manifest.json)")
         elif args.command == "bench":
-            from engine.bench import bench_main
+            from engine.bench.command import bench_main
 
             args.argv = list(argv) if argv is not None else sys.argv[1:]
             bench_main(args, load_config(args.config, args.overrides))
         elif args.command == "profile":
-            from engine.profile import profile_main
+            from engine.bench.profile import profile_main
 
             profile_main(args, load_config(args.config, args.overrides))
         elif args.command == "plot":
-            from engine.plot import plot_health_run, plot_knn_run, plot_run
+            from engine.tools.plot import plot_health_run, plot_knn_run, plot_run
 
             print(plot_run(args.run_dir, args.out))
             for png in (plot_knn_run(args.run_dir), plot_health_run(args.run_dir)):

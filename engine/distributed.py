@@ -121,6 +121,11 @@ def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def get_world_size() -> int:
+    """The number of ranks in the default group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; the identity at world size 1."""
     if is_distributed():

@@ -58,6 +58,10 @@ class TrainingCollapsedError(RuntimeError):
     """The collapse detector fired with `train.on_collapse=stop`."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf or NaN; raised at the next logging or checkpoint step, before any save of that state."""
+
+
 def _target_stats(logits: Tensor, center: Tensor, temp: float, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of row entropies, sum of row max probabilities, sum of the rows' probabilities [K]) of
     softmax((logits - center) / temp) in fp32, `chunk` rows at a time (bounded memory for many patch rows)."""

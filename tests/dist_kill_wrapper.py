@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-import engine.train as train_module
+import engine.train.loop as train_module
 from engine.cli import main
 
 if os.environ.get("IBOT_TEST_STACKS"):  # debugging aid: every thread's stack if still running after 120 s

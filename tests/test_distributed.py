@@ -197,7 +197,7 @@ def _scaler_worker(rank: int, world: int, out_dir: str) -> None:
 
         from engine.config import load_config
         from engine.distributed import DistEnv
-        from engine.parallel import build_grad_scaler
+        from engine.train.parallel import build_grad_scaler
 
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
@@ -254,7 +254,7 @@ def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
 
         from engine.distributed import all_reduce_sum
         from engine.objective import sinkhorn_log_targets, update_centers_
-        from engine.parallel import clip_sharded_gradients_
+        from engine.train.parallel import clip_sharded_gradients_
 
         g = torch.Generator().manual_seed(0)
         teacher_cls, patch_logits = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
@@ -285,7 +285,7 @@ def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_centring_sinkhorn_and_clipping_two_ranks_equal_one_rank_on_the_whole_batch(tmp_path):
     from engine.objective import sinkhorn_log_targets, update_centers_
-    from engine.optim import clip_gradients_
+    from engine.train.optim import clip_gradients_
 
     mp.start_processes(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

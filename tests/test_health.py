@@ -12,8 +12,8 @@ import torch
 import engine.model.ibot as ibot_module
 from engine.config import load_config
 from engine.health import HEALTH_KEYS, CollapseDetector, TrainingCollapsedError, health_metrics
-from engine.plot import plot_health_run
-from engine.train import train
+from engine.tools.plot import plot_health_run
+from engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from engine.config import load_config
-from engine.evaluate import knn_eval, teacher_backbone
-from engine.train import train
+from engine.eval.features import teacher_backbone
+from engine.eval.knn import knn_eval
+from engine.train.loop import train
 from tests.helpers import read_metrics
 
 DEMO = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo_cpu.yaml"

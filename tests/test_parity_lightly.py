@@ -1,7 +1,7 @@
 """Whole-step parity with lightly's iBOT example (lightly 1.6, `examples/pytorch/ibot.py`).
 
 From the same initial weights (lightly's timm ViT and DINO heads copied into our `IBOT`), the same crops and the
-same masks, `STEPS` training steps of our `engine.train.train_step` equal the example's loop body, in fp32:
+same masks, `STEPS` training steps of our `engine.train.step.train_step` equal the example's loop body, in fp32:
 the cls and patch losses, every student gradient, the updated student and teacher, and both centres.
 
 The example's model and loop body are ported literally in `benchmarks/peer_learning.py` (`LightlyExample`,
@@ -38,13 +38,14 @@ import torch
 
 import engine.objective as objective_module
 from engine.config import load_config
-from engine.data.loader import build_data_stream
+from engine.data.stream import build_data_stream
 from engine.distributed import DistEnv
 from engine.model.ibot import IBOT
-from engine.optim import build_optimizer, param_groups
-from engine.parallel import build_grad_scaler
-from engine.schedules import hyperparams_at
-from engine.train import Trainer, train_step
+from engine.train.optim import build_optimizer, param_groups
+from engine.train.parallel import build_grad_scaler
+from engine.train.schedules import hyperparams_at
+from engine.train.step import train_step
+from engine.train.trainer import Trainer
 
 lightly = pytest.importorskip("lightly")
 pytest.importorskip("timm")

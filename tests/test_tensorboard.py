@@ -9,7 +9,7 @@ import pytest
 
 import engine.tensorboard as tb
 from engine.config import load_config
-from engine.train import train
+from engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 

@@ -1,103 +1,44 @@
-"""The training data stream: dataset -> multi-crop views -> masking collate -> `Batch`, forever, resumable.
+"""The training data stream of an image folder or a built-in dataset: dataset -> multi-crop views -> masking
+collate -> `Batch` (batch.py), forever, resumable.
 
-`build_data_stream(...)` returns a `DataStream`, an endless iterable of `Batch` over epochs. Any other source
-(the WebDataset pipeline) plugs into the trainer by yielding the same `Batch`.
+`DataStream` is an endless iterable of `Batch` over epochs (`engine.data.stream.build_data_stream` builds it, or
+the WebDataset stream for `data.shards`).
 
 Order and seeding, all pure functions of the run seed so that a resumed run is bit-identical on CPU:
 * Epoch e uses a permutation of the dataset seeded by (seed, e). Global batch b of the epoch is
   perm[b*GB : (b+1)*GB] with GB = B * world_size; rank r takes the contiguous slice [r*B : (r+1)*B]. The tail
-  that does not fill a global batch is dropped, so every rank has the same B (pitfall 8) and the same global
-  batch is made of the same samples whatever the world size.
+  that does not fill a global batch is dropped, so every rank has the same B (collectives and the loss's batch
+  statistics need equal batches) and the same global batch is made of the same samples whatever the world size.
 * The views of a sample come from a generator seeded by (seed, e, sample index) (transforms.py), and official
   masks by (seed, e, sample index, view) (masking.py), so neither depends on workers, ranks or batch position.
   DINOv2 masks are drawn per (seed, e, global batch index, rank).
 * Workers are told which (epoch, batch, index) to produce through the sampler, so they hold no epoch state and
   one DataLoader iterator can run across epochs (no worker restart, no empty prefetch queue at epoch ends).
 
-Shapes: B images per rank, G global views, L local views, h x w patch grid of a global crop (h = Hg // patch),
-M masked tokens of the batch. Crops are view-major: all B images of view 0, then view 1, ...
-    global_crops [G*B, 3, Hg, Wg] float32     local_crops [L*B, 3, Hl, Wl] float32
-    masks [G*B, h, w] bool   mask_indices [M] int64   mask_weights [M] float32   labels, indices [B] int64
+Shapes: as in batch.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.utils.data
-from torch import Tensor
 
 from engine.config import DataConfig, MaskConfig
+from engine.data.batch import Batch, MultiCropCollate, Sample, SampleKey, sample_seed
 from engine.data.folder import ImageFolderDataset
-from engine.data.masking import generate_masks, masked_token_indices, seeded_rng
+from engine.data.masking import seeded_rng
+from engine.data.synthetic import builtin_dataset
 from engine.data.transforms import MultiCropTransform
 
 logger = logging.getLogger(__name__)
 
-# Domain tags of the seeded streams (masking.py has its own): keys with equal numbers in different roles,
-# e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
+# Domain tag of the epoch permutation (batch.py and masking.py have their own): keys with equal numbers in different
+# roles, e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
 _TAG_PERMUTATION = 0x5045  # "PE"
-_TAG_AUGMENT = 0x4147  # "AG"
-
-
-@dataclass
-class Batch:
-    """One rank's training batch; tensors are on the CPU until `.to(device)`."""
-
-    global_crops: Tensor  # [G*B, 3, Hg, Wg] float32, view-major
-    local_crops: Tensor  # [L*B, 3, Hl, Wl] float32, view-major; [0, 3, Hl, Wl] when L == 0
-    masks: Tensor  # [G*B, h, w] bool, same order as global_crops
-    mask_indices: Tensor  # [M] int64, masks.flatten().nonzero() order
-    mask_weights: Tensor  # [M] float32, 1 / (masked count of the token's image)
-    labels: Tensor  # [B] int64, -1 where unknown
-    indices: Tensor  # [B] int64 dataset indices of the images actually loaded
-    num_skipped: int = 0  # unreadable files replaced by the next readable one in this batch
-
-    @property
-    def batch_size(self) -> int:
-        return self.labels.shape[0]
-
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
-        return dataclasses.replace(
-            self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "num_skipped"}
-        )
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        """Every tensor on `device`; asynchronous from pinned memory when `non_blocking`."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Batch:
-        """Page-locked copy; the DataLoader's pin-memory thread calls this."""
-        return self._map(Tensor.pin_memory)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of dataset sample `index` in `epoch`: a 64-bit hash of (seed, epoch, index)."""
-    return int(np.random.SeedSequence([_TAG_AUGMENT, seed, epoch, index]).generate_state(1, np.uint64)[0])
-
-
-class SampleKey(NamedTuple):
-    """What a worker is asked to produce: sample `index` of global batch `batch` of `epoch`."""
-
-    epoch: int
-    batch: int
-    index: int
-
-
-class Sample(NamedTuple):
-    """One image's views and bookkeeping, as a worker hands it to the collate."""
-
-    crops: list[Tensor]  # G global then L local views
-    label: int
-    index: int  # the index actually loaded (differs from the key's after skipping unreadable files)
-    num_skipped: int
-    key: SampleKey
 
 
 class EpochBatchSampler:
@@ -163,59 +104,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return Sample(crops, label, index, num_skipped, key)
 
 
-class MultiCropCollate:
-    """Stacks samples view-major and draws the global-crop masks of the batch (CPU, in the worker)."""
-
-    def __init__(
-        self, mask_cfg: MaskConfig, *, num_global: int, local_size: int, grid: tuple[int, int], seed: int, rank: int
-    ) -> None:
-        self.mask_cfg = mask_cfg
-        self.num_global = num_global
-        self.local_size = local_size
-        self.grid = grid
-        self.seed = seed
-        self.rank = rank
-
-    def __call__(self, samples: list[Sample]) -> Batch:
-        num_views = len(samples[0].crops)
-        key = samples[0].key
-        # One stack straight into view-major order: stacking per view and concatenating copies twice, and
-        # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
-        global_crops = torch.stack([s.crops[v] for v in range(self.num_global) for s in samples])
-        if num_views > self.num_global:
-            local_crops = torch.stack([s.crops[v] for v in range(self.num_global, num_views) for s in samples])
-        else:
-            local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
-        masks = generate_masks(
-            self.mask_cfg,
-            self.grid,
-            seed=self.seed,
-            epoch=key.epoch,
-            batch=key.batch,
-            rank=self.rank,
-            indices=[s.key.index for s in samples],
-            num_views=self.num_global,
-        )
-        mask_indices, mask_weights = masked_token_indices(masks)
-        return Batch(
-            global_crops=global_crops,
-            local_crops=local_crops,
-            masks=masks,
-            mask_indices=mask_indices,
-            mask_weights=mask_weights,
-            labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
-            indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
-            num_skipped=sum(s.num_skipped for s in samples),
-        )
-
-
 def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
     """The image source named by `data.path`: the built-in demo shapes or an image folder."""
     if not data_cfg.path.strip():
         raise ValueError("data.path is empty: set data.path=/path/to/images (an image folder) or builtin:shapes")
     if data_cfg.path.startswith("builtin:"):
-        from engine.data.synthetic import builtin_dataset  # the demo datasets are only imported when used
-
         return builtin_dataset(data_cfg.path, data_cfg.builtin_size, "train")
     return ImageFolderDataset(data_cfg.path)
 
@@ -327,49 +220,3 @@ class DataStream:
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self._batches = None  # the old iterator (and its workers and prefetched batches) is dropped
-
-
-def build_data_stream(
-    data_cfg: DataConfig,
-    mask_cfg: MaskConfig,
-    *,
-    batch_size: int,
-    patch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | None = None,
-) -> DataStream:
-    """The training `DataStream` of `data.path` for one rank.
-
-    Args:
-        data_cfg: dataset, crop sizes and counts, workers.
-        mask_cfg: masking variant and its parameters.
-        batch_size: B, images per rank.
-        patch_size: ViT patch size; the mask grid is global_size // patch_size squared.
-        seed: run seed (train.seed); fixes the order, the views and the masks.
-        rank, world_size: this process's slice of each global batch.
-        device: where batches will go; pinned host memory when it is CUDA (default: CUDA if available).
-
-    Raises:
-        ValueError: the dataset is missing, empty or smaller than one global batch.
-    """
-    if data_cfg.shards.strip():  # WebDataset shards (engine/data/shards.py) instead of data.path
-        from engine.data.shards import build_shard_stream
-
-        return build_shard_stream(  # type: ignore[return-value]
-            data_cfg, mask_cfg, batch_size=batch_size, patch_size=patch_size, seed=seed, rank=rank,
-            world_size=world_size, device=device,
-        )
-    dataset = build_dataset(data_cfg)
-    return DataStream(
-        dataset,
-        data_cfg,
-        mask_cfg,
-        batch_size=batch_size,
-        patch_size=patch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-    )

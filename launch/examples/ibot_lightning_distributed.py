@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
 from engine.config import load_config
-from engine.lightning import IBOTDataModule, IBOTLightningModule
+from engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 

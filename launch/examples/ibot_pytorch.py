@@ -18,14 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import load_config
+from engine.data.batch import MultiCropCollate
 from engine.data.dataloader import EpochKeySampler
-from engine.data.loader import MultiCropCollate, MultiCropDataset, build_dataset
+from engine.data.loader import MultiCropDataset, build_dataset
 from engine.data.transforms import MultiCropTransform
 from engine.model.ibot import IBOT
 from engine.objective import ibot_loss, koleo_loss
-from engine.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
-from engine.schedules import hyperparams_at
-from engine.train import autocast_dtype, total_steps_for
+from engine.precision import autocast_dtype
+from engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
+from engine.train.schedules import hyperparams_at, total_steps_for
 from kernels import ema_update_
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"

@@ -1,4 +1,5 @@
-"""Fixtures for kernel tests: where Triton really runs, seeding, and the tolerance table.
+"""Fixtures for kernel tests: where Triton really runs (the seed is tests/conftest.py's, the tolerances are in
+kernel_helpers.py).
 
 Kernel tests call the Triton entry points directly and take the `triton_device` fixture, which skips unless the
 kernel truly runs (CUDA, or CPU tensors with TRITON_INTERPRET=1), so a CPU run never compares the reference with
@@ -13,11 +14,6 @@ import os
 import pytest
 import torch
 from kernel_helpers import HAS_TRITON
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
 
 
 @pytest.fixture

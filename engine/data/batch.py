@@ -1,0 +1,125 @@
+"""The batch types every training data stream hands over, and the masking collate that makes a `Batch`.
+
+Shapes: B images per rank, G global views, L local views, h x w patch grid of a global crop (h = Hg // patch),
+M masked tokens of the batch. Crops are view-major: all B images of view 0, then view 1, ...
+    global_crops [G*B, 3, Hg, Wg] float32     local_crops [L*B, 3, Hl, Wl] float32
+    masks [G*B, h, w] bool   mask_indices [M] int64   mask_weights [M] float32   labels, indices [B] int64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.config import MaskConfig
+from engine.data.masking import generate_masks, masked_token_indices
+
+# Domain tag of a sample's augmentation seed (masking.py and loader.py have their own): keys with equal numbers in
+# different roles, e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
+_TAG_AUGMENT = 0x4147  # "AG"
+
+
+@dataclass
+class Batch:
+    """One rank's training batch; tensors are on the CPU until `.to(device)`."""
+
+    global_crops: Tensor  # [G*B, 3, Hg, Wg] float32, view-major
+    local_crops: Tensor  # [L*B, 3, Hl, Wl] float32, view-major; [0, 3, Hl, Wl] when L == 0
+    masks: Tensor  # [G*B, h, w] bool, same order as global_crops
+    mask_indices: Tensor  # [M] int64, masks.flatten().nonzero() order
+    mask_weights: Tensor  # [M] float32, 1 / (masked count of the token's image)
+    labels: Tensor  # [B] int64, -1 where unknown
+    indices: Tensor  # [B] int64 dataset indices of the images actually loaded
+    num_skipped: int = 0  # unreadable files replaced by the next readable one in this batch
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        return dataclasses.replace(
+            self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "num_skipped"}
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """Every tensor on `device`; asynchronous from pinned memory when `non_blocking`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy; the DataLoader's pin-memory thread calls this."""
+        return self._map(Tensor.pin_memory)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset sample `index` in `epoch`: a 64-bit hash of (seed, epoch, index)."""
+    return int(np.random.SeedSequence([_TAG_AUGMENT, seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SampleKey(NamedTuple):
+    """What a worker is asked to produce: sample `index` of global batch `batch` of `epoch`."""
+
+    epoch: int
+    batch: int
+    index: int
+
+
+class Sample(NamedTuple):
+    """One image's views and bookkeeping, as a worker hands it to the collate."""
+
+    crops: list[Tensor]  # G global then L local views
+    label: int
+    index: int  # the index actually loaded (differs from the key's after skipping unreadable files)
+    num_skipped: int
+    key: SampleKey
+
+
+class MultiCropCollate:
+    """Stacks samples view-major and draws the global-crop masks of the batch (CPU, in the worker)."""
+
+    def __init__(
+        self, mask_cfg: MaskConfig, *, num_global: int, local_size: int, grid: tuple[int, int], seed: int, rank: int
+    ) -> None:
+        self.mask_cfg = mask_cfg
+        self.num_global = num_global
+        self.local_size = local_size
+        self.grid = grid
+        self.seed = seed
+        self.rank = rank
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        num_views = len(samples[0].crops)
+        key = samples[0].key
+        # One stack straight into view-major order: stacking per view and concatenating copies twice, and
+        # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
+        global_crops = torch.stack([s.crops[v] for v in range(self.num_global) for s in samples])
+        if num_views > self.num_global:
+            local_crops = torch.stack([s.crops[v] for v in range(self.num_global, num_views) for s in samples])
+        else:
+            local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
+        masks = generate_masks(
+            self.mask_cfg,
+            self.grid,
+            seed=self.seed,
+            epoch=key.epoch,
+            batch=key.batch,
+            rank=self.rank,
+            indices=[s.key.index for s in samples],
+            num_views=self.num_global,
+        )
+        mask_indices, mask_weights = masked_token_indices(masks)
+        return Batch(
+            global_crops=global_crops,
+            local_crops=local_crops,
+            masks=masks,
+            mask_indices=mask_indices,
+            mask_weights=mask_weights,
+            labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+            indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
+            num_skipped=sum(s.num_skipped for s in samples),
+        )

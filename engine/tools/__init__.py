@@ -1,0 +1,1 @@
+"""Commands around a run: export, visualize, plot, and the demo."""

@@ -1,0 +1,237 @@
+"""`ibot train`: build everything from the config, then run the loop.
+
+The loop reads top to bottom: schedules -> `train_step` -> log (the only host syncs) -> checkpoint. A non-finite
+loss is accumulated into a device flag every step (no sync) and read at log and checkpoint boundaries: the run
+stops with a clear error before any checkpoint of a non-finite state is written, so the last good one survives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.checkpoint import is_sharded_checkpoint, load_checkpoint
+from engine.config import Config, config_to_dict, save_config
+from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
+from engine.eval.knn import KnnEvaluator
+from engine.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
+from engine.logging import MetricLogger, setup_logging
+from engine.objective import IBOTLoss
+from engine.precision import autocast_dtype
+from engine.train.schedules import Hyperparams, hyperparams_at, peak_lr
+from engine.train.state import data_state, restore_training_state, training_state
+from engine.train.step import train_step
+from engine.train.trainer import Trainer, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the last logged metrics."""
+    env = init_distributed()
+    setup_logging(env.rank)
+    try:
+        return _train(cfg, env)
+    finally:
+        teardown()
+
+
+def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    run_dir = _prepare_run_dir(cfg, env)
+    t = build_trainer(cfg, env)
+    _resume(t, run_dir)
+    amp_dtype = autocast_dtype(cfg.precision, env.device)
+    _log_run_summary(t, amp_dtype)
+    metrics = MetricLogger(run_dir, t.total_steps, enabled=env.is_main, start_step=t.step,
+                           tensorboard=cfg.run.tensorboard)
+    # Builds the held-out datasets now: a bad eval.train / eval.val fails before step 1.
+    knn = KnnEvaluator(cfg) if cfg.eval.knn_every else None
+    # Watched from 10% of the run on: at initialisation every image gets nearly the same teacher output.
+    detector = CollapseDetector(t.model.student.backbone.embed_dim, cfg.train.on_collapse,
+                                start_step=t.total_steps // 10)
+    ema_pairs = t.model.ema_pairs()
+    params = [p for p in t.model.student.parameters() if p.requires_grad]
+    nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+    last: dict[str, Any] = {}
+    meter = _Meter(run_start_step=t.step)
+    t.model.train()
+    if knn is not None and t.step == 0:  # the random-init baseline the k-NN curve starts from
+        metrics.log({"step": 0, **_teacher_knn(t, knn, first=True)}, eta_s=0.0)
+        meter.restart()
+    data_iter = iter(t.data)
+    try:
+        while t.step < t.total_steps:
+            hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
+            batch = next(data_iter).to(env.device)
+            meter.data_skipped += int(getattr(batch, "num_skipped", 0))
+            step = t.step + 1  # the step this iteration completes
+            eval_now = knn is not None and (step % cfg.eval.knn_every == 0 or step == t.total_steps)
+            log_now = step % cfg.train.log_every == 0 or step == t.total_steps or eval_now
+            losses, grad_norm, stats = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=log_now)
+            nonfinite |= ~torch.isfinite(losses.total.detach())
+            t.step = step
+            meter.interval_steps += 1
+            if log_now:
+                _check_finite(t, nonfinite)
+                last, now = _metrics_record(t, hp, losses, grad_norm, stats, meter)
+                if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
+                    last.update(_teacher_knn(t, knn))
+                _log_step(t, last, now, detector, metrics, meter, run_dir)
+            if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
+                _check_finite(t, nonfinite)
+                # Every rank writes its shards; `latest` moves once the save is complete (async: later).
+                meta = {"config": config_to_dict(cfg), "data": data_state(t)}
+                t.checkpointer.save(t.step, training_state(t), meta)
+        t.checkpointer.wait()
+    finally:
+        metrics.close()
+    if last and math.isfinite(last["loss"]):
+        log.info("done: %d steps, final loss %.4f", t.step, last["loss"])
+    if last:
+        last["collapse"] = list(detector.fired)  # every collapse reported during this run (empty: none)
+    return last
+
+
+@dataclass
+class _Meter:
+    """Host-side counters of the run (for the ETA) and of the current logging interval (for img/s)."""
+
+    run_start_step: int
+    run_start: float = field(default_factory=time.perf_counter)
+    interval_start: float = field(default_factory=time.perf_counter)
+    interval_steps: int = 0
+    data_skipped: int = 0  # unreadable samples / shards skipped by the data stream since the last log line
+
+    def restart(self) -> None:
+        """Start the clocks again (after the step-0 k-NN, which is not training time)."""
+        self.interval_start = self.run_start = time.perf_counter()
+
+    def end_interval(self) -> None:
+        self.interval_start, self.interval_steps, self.data_skipped = time.perf_counter(), 0, 0
+
+
+def _prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
+    """The run directory, created with the resolved config.yaml in it (rank 0)."""
+    run_dir = Path(cfg.run.dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _resume(t: Trainer, run_dir: Path) -> None:
+    """Load the checkpoint `checkpoint.resume` names (rank 0's choice, for all ranks), if any, and drop the metrics
+    records past its step."""
+    resume = broadcast_object(t.checkpointer.resolve_resume(t.cfg.checkpoint.resume))
+    if resume is not None and is_sharded_checkpoint(resume):
+        restore_training_state(t, resume)  # any world size / strategy saved it: DCP reshards
+        log.info("resumed from %s at step %d", resume, t.step)
+    elif resume is not None:
+        t.load_state_dict(load_checkpoint(resume))  # legacy single-file checkpoint
+        log.info("resumed from %s at step %d", resume, t.step)
+    if t.env.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", t.step)  # records past the resumed step are superseded
+
+
+def _log_run_summary(t: Trainer, amp_dtype: torch.dtype | None) -> None:
+    cfg, env = t.cfg, t.env
+    log.info(
+        "ibot: %s/%d, %d params, device %s x %d, precision %s, %d images, %d steps/epoch, %d steps, peak lr %.2e",
+        cfg.model.arch, cfg.model.patch_size, sum(p.numel() for p in t.model.student.parameters()), env.device,
+        env.world_size, "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."), t.data.num_samples,
+        t.data.steps_per_epoch, t.total_steps, peak_lr(cfg, env.world_size),
+    )
+
+
+def _check_finite(t: Trainer, nonfinite: Tensor) -> None:
+    """Raise `NonFiniteLossError` if any rank saw a non-finite loss. Host sync: call it only at log / checkpoint
+    boundaries. Over all ranks, so that all stop (or save) together."""
+    if all_reduce_sum(nonfinite.float()).item():
+        good = t.checkpointer.latest()
+        raise NonFiniteLossError(
+            f"non-finite loss at or before step {t.step}; stopping. Last good checkpoint: {good or 'none'}. "
+            "Try precision=bf16 or fp32, a lower optim.lr, or a longer warm-up."
+        )
+
+
+def _teacher_knn(t: Trainer, knn: KnnEvaluator, first: bool = False) -> dict[str, float]:
+    """k-NN of the teacher on the held-out set (every rank takes part). `first`: before any training step."""
+    if first and t.cfg.distributed.strategy == "fsdp":
+        # FSDP2 sets its units up at the root's first forward; the k-NN runs the backbone alone, which would make
+        # each block a root. One forward of the teacher root first (a blank image, no grad, no RNG draw).
+        size = t.cfg.data.global_size
+        with torch.no_grad():
+            t.model.teacher(torch.zeros(1, 3, size, size, device=t.env.device), None)
+    return knn(t.model.teacher, t.env)
+
+
+def _metrics_record(t: Trainer, hp: Hyperparams, losses: IBOTLoss, grad_norm: Tensor, stats: Tensor,
+                    meter: _Meter) -> tuple[dict[str, Any], float]:
+    """The metrics record of this logging step, and the time it was taken at."""
+    env = t.env
+    # The loss of the global batch: the mean of the per-rank means (equal batches on every rank), the health
+    # metrics (per-rank values averaged) and the skipped-sample count of all ranks (mean x world size), in one
+    # all-reduce at logging steps only; grad_norm is already global. Then the host sync.
+    skipped = torch.tensor(float(meter.data_skipped), device=env.device)
+    koleo = [losses.koleo.detach().float()] if losses.koleo is not None else []
+    local = torch.cat([torch.stack([losses.total.detach().float(), losses.cls.detach().float(),
+                                    losses.patch.detach().float(), skipped, *koleo]), stats])
+    values = torch.cat([grad_norm.float().reshape(1), all_reduce_mean(local)]).tolist()
+    grad_norm_value, (loss, loss_cls, loss_patch, skipped_mean), rest = values[0], values[1:5], values[5:]
+    now = time.perf_counter()
+    images_per_step = t.cfg.train.batch_size * env.world_size
+    record = {
+        "step": t.step, "loss": loss, "loss_cls": loss_cls, "loss_patch": loss_patch,
+        **({"loss_koleo": rest.pop(0)} if koleo else {}),
+        "lr": hp.lr, "weight_decay": hp.weight_decay, "momentum": hp.momentum,
+        "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
+        "grad_norm": grad_norm_value,
+        "img_per_s": images_per_step * meter.interval_steps / (now - meter.interval_start),
+        "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
+        "data_skipped": round(skipped_mean * env.world_size),  # every rank's, since the last log line
+        **dict(zip(HEALTH_KEYS, rest, strict=True)),
+    }
+    return record, now
+
+
+def _log_step(t: Trainer, record: dict[str, Any], now: float, detector: CollapseDetector, metrics: MetricLogger,
+              meter: _Meter, run_dir: Path) -> None:
+    """Check for collapse, write the record (and the ETA), then start the next logging interval."""
+    env = t.env
+    collapse = detector.update(t.step, record)  # a warning, once per kind of collapse
+    if collapse:
+        record["collapse"] = collapse
+    per_step = (now - meter.run_start) / max(t.step - meter.run_start_step, 1)
+    metrics.log(record, eta_s=per_step * (t.total_steps - t.step))
+    detector.stop_if_asked(collapse)  # train.on_collapse=stop: after the record is written
+    if t.cfg.distributed.log_all_ranks and not env.is_main:  # launcher checks: every rank's view
+        with open(run_dir / f"metrics.rank{env.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    meter.end_interval()
+    if env.device.type == "cuda":  # max_memory_gib: the peak of each logging interval
+        torch.cuda.reset_peak_memory_stats(env.device)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics records of steps <= `step` (all of them gone for a fresh run)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines() if step > 0 else []
+    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def max_memory_gib(device: torch.device) -> float:
+    """Peak allocated memory since the last log line (CUDA), or the process's peak RSS so far (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB on Linux

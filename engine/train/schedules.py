@@ -1,0 +1,78 @@
+"""Every schedule as a pure function of the step (so resuming needs only the step).
+
+Official iBOT semantics (spec A.6): lr linear warm-up from 0 then cosine to min_lr, per iteration; weight decay
+cosine 0.04 -> 0.4 over all iterations; EMA momentum cosine 0.996 -> 1; teacher temperature per *epoch*
+(`linspace(warmup, final, warmup_epochs)` then constant) or, as an option, per step (DINOv2, lightly).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.config import Config
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Cosine from `start` at step 0 to `end` at step `total` (clamped after)."""
+    if total <= 0:
+        return end
+    progress = min(max(step / total, 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float) -> float:
+    """Linear warm-up 0 -> peak over `warmup` steps (official: `linspace(0, peak, warmup)`), then cosine to final."""
+    if step < warmup:
+        return peak * step / max(warmup - 1, 1)
+    return cosine(step - warmup, total - warmup, peak, final)
+
+
+def teacher_temperature(step: int, steps_per_epoch: int, warmup_epochs: float, start: float, end: float,
+                        per_step: bool) -> float:
+    """Official: epoch e gets linspace(start, end, warmup_epochs)[e] (so the last warm-up epoch is at `end`);
+    per_step: linear over warmup_epochs * steps_per_epoch steps."""
+    if per_step:
+        warmup = warmup_epochs * steps_per_epoch
+        return end if step >= warmup else start + (end - start) * step / max(warmup, 1)
+    n = round(warmup_epochs)
+    epoch = step // steps_per_epoch
+    if epoch >= n - 1 or n <= 1:
+        return end
+    return start + (end - start) * epoch / (n - 1)
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    patch_teacher_temp: float
+    freeze_last_layer: bool
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """lr * total_batch / 256 (linear scaling rule of iBOT, reference batch 256; pitfall 11)."""
+    return cfg.optim.lr * cfg.train.batch_size * world_size / 256.0
+
+
+def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int, world_size: int) -> Hyperparams:
+    o, loss = cfg.optim, cfg.loss
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    return Hyperparams(
+        lr=warmup_cosine(step, total_steps, warmup, peak_lr(cfg, world_size), o.min_lr),
+        weight_decay=cosine(step, total_steps, o.weight_decay, o.weight_decay_end),
+        momentum=cosine(step, total_steps, o.momentum_teacher, o.momentum_teacher_end),
+        teacher_temp=teacher_temperature(step, steps_per_epoch, loss.warmup_teacher_temp_epochs,
+                                         loss.warmup_teacher_temp, loss.teacher_temp, loss.teacher_temp_per_step),
+        patch_teacher_temp=teacher_temperature(step, steps_per_epoch, loss.warmup_teacher_temp_epochs,
+                                               loss.warmup_patch_teacher_temp, loss.patch_teacher_temp,
+                                               loss.teacher_temp_per_step),
+        freeze_last_layer=step < o.freeze_last_layer_epochs * steps_per_epoch,
+    )
+
+
+def total_steps_for(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's length in steps: `train.steps`, or `train.epochs` x steps per epoch when it is 0."""
+    return cfg.train.steps if cfg.train.steps > 0 else max(1, round(cfg.train.epochs * steps_per_epoch))

@@ -1,0 +1,234 @@
+"""`ibot eval knn` / `ibot eval linear` on data of known structure, across 1 and 2 processes, and k-NN during
+training (`eval.knn_every`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine.cli import main
+from engine.config import ConfigError, load_config
+from engine.eval.linear import linear_probe
+from engine.train.loop import train
+from tests.helpers import TINY_OVERRIDES, read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+KNN_LINE = re.compile(r"^k-NN top-1: \d+\.\d%  top-5: \d+\.\d%$", re.MULTILINE)
+LINEAR_LINE = re.compile(r"^linear top-1: (\d+\.\d)%  top-5: (\d+\.\d)%$", re.MULTILINE)
+
+# Four classes, each one fixed two-colour image (left / right halves): every copy of a class is the same image.
+_CLASS_COLOURS = [((255, 0, 0), (0, 0, 255)), ((0, 255, 0), (255, 255, 0)), ((255, 255, 255), (0, 0, 0)),
+                  ((128, 0, 128), (0, 200, 200))]
+
+
+def _class_image(c: int) -> Image.Image:
+    image = Image.new("RGB", (32, 32), _CLASS_COLOURS[c][0])
+    image.paste(_CLASS_COLOURS[c][1], (16, 0, 32, 32))
+    return image
+
+
+def _folders(root: Path) -> tuple[Path, Path]:
+    """train: 5 copies of each class image. val: 4 copies per class, one of which is filed under the next class,
+    so exactly 12 of 16 val labels agree with the images: a correct k-NN (k=5) gets 75% top-1 and 100% top-4."""
+    for c in range(4):
+        for i in range(5):
+            (root / "train" / f"class{c}").mkdir(parents=True, exist_ok=True)
+            _class_image(c).save(root / "train" / f"class{c}" / f"{i}.png")
+        for i in range(4):
+            folder = root / "val" / f"class{(c + 1) % 4 if i == 0 else c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            _class_image(c).save(folder / f"from{c}_{i}.png")
+    return root / "train", root / "val"
+
+
+@pytest.mark.parametrize(
+    ("features", "extra"), [("cls", []), ("cls+patch", ["--precision", "bf16", "--num-workers", "2"])]
+)
+def test_knn_on_image_folders_gets_the_accuracy_of_their_labels(tmp_path, capsys, features, extra):
+    train_dir, val_dir = _folders(tmp_path)
+    out = tmp_path / "knn.json"
+    argv = ["eval", "knn", "--random-init", *TINY_OVERRIDES, f"run.dir={tmp_path}", "--train", str(train_dir),
+            "--val", str(val_dir), "--k", "5", "--batch-size", "7", "--features", features, "--out", str(out), *extra]
+    assert main(argv) == 0
+    assert KNN_LINE.search(capsys.readouterr().out).group(0) == "k-NN top-1: 75.0%  top-5: 100.0%"
+    result = json.loads(out.read_text())
+    assert (result["top1"], result["top5"], result["num_train"], result["num_val"]) == (75.0, 100.0, 20, 16)
+    assert result["features"] == features
+
+
+def test_knn_on_labelled_shards(tmp_path, capsys):
+    train_dir, val_dir = _folders(tmp_path)
+    for split, src in (("train", train_dir), ("val", val_dir)):
+        assert main(["shards", "write", str(src), str(tmp_path / f"shards_{split}"), "--workers", "1",
+                     "--max-count", "6"]) == 0  # several shards per split
+    argv = ["eval", "knn", "--random-init", *TINY_OVERRIDES, "--train", str(tmp_path / "shards_train"),
+            "--val", str(tmp_path / "shards_val"), "--k", "5", "--batch-size", "7", "--out", str(tmp_path / "k.json")]
+    assert main(argv) == 0
+    assert "k-NN top-1: 75.0%  top-5: 100.0%" in capsys.readouterr().out
+    assert json.loads((tmp_path / "k.json").read_text())["num_val"] == 16
+
+
+def test_eval_needs_labelled_folders(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _class_image(0).save(flat / "a.png")
+    argv = ["eval", "knn", "--random-init", *TINY_OVERRIDES, "--train", str(flat), "--val", str(flat)]
+    assert main(argv) == 2
+    assert "has no class sub-folders" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def _gaussian_classes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes at -1 / +1 along axis 0 with unit Gaussian noise in 8 dims: the Bayes rule (sign of x_0) gets
+    Phi(1) = 84.13% right, and no classifier can do better."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g)
+    x[:, 0] += 2.0 * y - 1.0
+    return x, y
+
+
+def test_linear_probe_reaches_the_bayes_accuracy_of_overlapping_gaussians():
+    result = linear_probe(*_gaussian_classes(4000, 1), *_gaussian_classes(4000, 2), epochs=5)
+    bayes = 100 * 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # 84.13
+    assert abs(result["top1"] - bayes) < 2.0, result  # 4000 val samples: standard error 0.6 points
+    assert result["top5"] == 100.0  # two classes
+    assert set(result["holdout_top1_by_lr"]) == {str(lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)}
+
+
+def test_linear_probe_separable_is_perfect_and_random_labels_are_chance():
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * F.normalize(torch.randn(10, 32, generator=g), dim=1)
+    y_train, y_val = torch.arange(10).repeat(30), torch.arange(10).repeat(10)
+    x_train = centres[y_train] + 0.1 * torch.randn(300, 32, generator=g)
+    x_val = centres[y_val] + 0.1 * torch.randn(100, 32, generator=g)
+    assert linear_probe(x_train, y_train, x_val, y_val, epochs=5)["top1"] == 100.0
+
+    x = torch.randn(3000, 16, generator=g)
+    labels = torch.randint(0, 10, (3000,), generator=g)
+    chance = linear_probe(x[:2000], labels[:2000], x[2000:], labels[2000:], epochs=3)
+    assert abs(chance["top1"] - 10.0) < 4.0 and abs(chance["top5"] - 50.0) < 6.0
+
+
+def test_eval_linear_command_on_image_folders(tmp_path, capsys):
+    train_dir, val_dir = _folders(tmp_path)
+    out = tmp_path / "linear.json"
+    argv = ["eval", "linear", "--random-init", *TINY_OVERRIDES, "--train", str(train_dir), "--val", str(val_dir),
+            "--epochs", "20", "--out", str(out)]
+    assert main(argv) == 0
+    top1, top5 = LINEAR_LINE.search(capsys.readouterr().out).groups()
+    # Identical images per class: the probe fits them; the val set holds 12 of 16 correctly filed images.
+    assert (float(top1), float(top5)) == (75.0, 100.0)
+    assert json.loads(out.read_text())["lr"] in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed extraction: 2 gloo processes give the features and result of 1 process
+
+_FEATURES_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from engine.config import load_config
+    from engine.distributed import init_distributed, teardown
+    from engine.eval.datasets import build_eval_dataset
+    from engine.eval.features import dataset_features, teacher_backbone
+
+    out_dir, *overrides = sys.argv[1:]
+    env = init_distributed()
+    cfg = load_config(None, overrides)
+    dataset = build_eval_dataset("builtin:shapes:train", cfg)
+    feats, labels = dataset_features(teacher_backbone(cfg, None, env.device), dataset, image_size=32,
+                                     batch_size=16, device=env.device, amp=None)
+    if env.rank == 0:
+        torch.save({"feats": feats, "labels": labels}, out_dir + "/feats.pt")
+    teardown()
+    """
+)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *args], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_two_process_extraction_equals_one_process(tmp_path, capsys):
+    overrides = [*TINY_OVERRIDES, "data.builtin_size=97"]  # odd: rank 0 gets one image more than rank 1
+    proc = _torchrun("-m", "engine", "eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out",
+                     str(tmp_path / "knn.json"))
+    assert len(KNN_LINE.findall(proc.stdout)) == 1  # rank 0 only
+    script = tmp_path / "features.py"
+    script.write_text(_FEATURES_SCRIPT)
+    _torchrun(str(script), str(tmp_path), *overrides)
+
+    one = tmp_path / "one.json"
+    assert main(["eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out", str(one)]) == 0
+    two, single = json.loads((tmp_path / "knn.json").read_text()), json.loads(one.read_text())
+    assert (two["num_train"], two["num_val"]) == (97, 100)
+    assert (two["top1"], two["top5"]) == (single["top1"], single["top5"])
+
+    from engine.eval.datasets import build_eval_dataset
+    from engine.eval.features import dataset_features, teacher_backbone
+
+    cfg = load_config(None, overrides)
+    dataset = build_eval_dataset("builtin:shapes:train", cfg)
+    feats, labels = dataset_features(teacher_backbone(cfg, None, torch.device("cpu")), dataset, image_size=32,
+                                     batch_size=16, device=torch.device("cpu"), amp=None)
+    gathered = torch.load(tmp_path / "feats.pt", weights_only=True)
+    assert gathered["labels"].tolist() == labels.tolist() == [dataset[i][1] for i in range(97)]
+    torch.testing.assert_close(gathered["feats"], feats, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# During training
+
+
+def test_knn_every_logs_knn_and_leaves_training_unchanged(tmp_path):
+    base = [*TINY_OVERRIDES, "train.steps=4", "data.builtin_size=40"]
+    train(load_config(None, [*base, f"run.dir={tmp_path / 'plain'}"]))
+    train(load_config(None, [*base, f"run.dir={tmp_path / 'eval'}", "eval.knn_every=2", "eval.k=5",
+                             "train.log_every=3"]))
+    plain, evaluated = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "eval")
+    # The random-init baseline at step 0, then log_every 3 plus the k-NN steps 2 and 4.
+    assert [r["step"] for r in evaluated] == [0, 2, 3, 4]
+    assert [("knn_top1" in r, "knn_top5" in r) for r in evaluated] == [(True, True), (True, True), (False, False),
+                                                                       (True, True)]
+    assert "loss" not in evaluated[0]  # the baseline record is the k-NN only
+    evaluated = evaluated[1:]
+    for r in evaluated:
+        if "knn_top1" in r:
+            assert 0.0 <= r["knn_top1"] <= r["knn_top5"] <= 100.0
+    # Evaluation draws nothing from the training RNG streams: same losses as the run without it.
+    by_step = {r["step"]: r["loss"] for r in plain}
+    assert all(r["loss"] == by_step[r["step"]] for r in evaluated)
+
+    # The k-NN record equals `ibot eval knn` on the same checkpoint and held-out set.
+    out = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "eval"), "--k", "5", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["top1"] == evaluated[-1]["knn_top1"]
+
+    assert main(["plot", str(tmp_path / "eval")]) == 0
+    assert Image.open(tmp_path / "eval" / "knn.png").size == (800, 480)
+
+
+def test_knn_every_needs_held_out_folders_for_folder_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.train"):
+        load_config(None, [f"data.path={tmp_path}", "eval.knn_every=10"])
+

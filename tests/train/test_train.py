@@ -1,0 +1,167 @@
+"""The training loop end to end on CPU: the loss goes down, resume is bit-exact, failures keep the last good
+checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.train.loop as train_module
+import engine.train.step as step_module
+from engine.checkpoint import Checkpointer, load_checkpoint
+from engine.config import load_config
+from engine.health import NonFiniteLossError
+from engine.train.loop import train
+from tests.helpers import TINY_OVERRIDES, read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(run_dir: Path, *extra: str):
+    return load_config(None, [*TINY_OVERRIDES, f"run.dir={run_dir}", *extra])
+
+
+def test_30_step_run_lowers_the_loss(tmp_path):
+    train(_cfg(tmp_path, "train.steps=30", "train.batch_size=16", "optim.lr=2e-2"))
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, f"loss did not go down: first 5 {first:.3f}, last 5 {last:.3f}"
+    assert (tmp_path / "config.yaml").is_file()
+    assert load_checkpoint(Checkpointer(tmp_path).latest())["step"] == 30
+
+
+class _StopAfter:
+    """Wraps `train_step` to simulate a run killed after `n` steps (raised before step n + 1 changes anything)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls, self.inner = n, 0, train_module.train_step
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_and_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, workers):
+    extra = ("train.steps=8", "checkpoint.every=4", f"data.num_workers={workers}", "data.builtin_size=40")
+    train(_cfg(tmp_path / "a", *extra))
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_step", _StopAfter(5))  # checkpoint at 4, killed during step 6
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tmp_path / "b", *extra))
+    train(_cfg(tmp_path / "b", *extra))  # checkpoint.resume=auto picks up step 4
+
+    a = read_metrics(tmp_path / "a")
+    b = read_metrics(tmp_path / "b")  # the resumed run replaced the records past its checkpoint
+    keys = ("loss", "loss_cls", "loss_patch", "grad_norm", "lr", "teacher_temp", "momentum")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]  # exact equality
+    state_a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000008")["model"]
+    state_b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000008")["model"]
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = step_module.ibot_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        if calls["n"] >= 5:
+            return out._replace(total=out.total * float("nan"))
+        return out
+
+    monkeypatch.setattr(step_module, "ibot_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at or before step 6.*step_00000004\b"):
+        train(_cfg(tmp_path, "train.steps=10", "train.log_every=3", "checkpoint.every=2"))
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest().name == "step_00000004"
+    state = load_checkpoint(ckpt.latest())
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
+    marker = tmp_path / "writing"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from pathlib import Path
+        from engine.checkpoint import Checkpointer
+        ckpt = Checkpointer({str(tmp_path)!r})
+        ckpt.save(1, {{"step": 1, "w": torch.ones(1000)}})
+        real_save = torch.save
+        def slow_save(obj, f):
+            f.write(b"partial checkpoint bytes" * 1000)
+            f.flush()
+            Path({str(marker)!r}).touch()
+            time.sleep(600)  # killed here, mid-write
+        torch.save = slow_save
+        ckpt.save(2, {{"step": 2, "w": torch.zeros(1000)}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "writer exited before the kill"
+            assert time.time() < deadline, "writer never reached the save"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest().name == "step_00000001.pt"
+    assert [p.name for p in ckpt.checkpoints()] == ["step_00000001.pt"]
+    state = load_checkpoint(ckpt.latest())
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("loss.centering=sinkhorn", "mask.variant=dinov2", "loss.patch_center=masked"),
+        ("optim.clip_mode=per_param", "optim.freeze_last_layer_epochs=1", "loss.teacher_temp_per_step=true",
+         "model.norm_last_layer=true", "model.layerscale=1e-5"),
+    ],
+)
+def test_training_options_run(tmp_path, options):
+    last = train(_cfg(tmp_path, "train.steps=3", *options))
+    assert last["step"] == 3 and torch.isfinite(torch.tensor(last["loss"]))
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_metadata_is_refused_not_executed(tmp_path):
+    """DCP's .metadata is a pickle: loading a checkpoint must not run the code a crafted one carries."""
+    import pickle
+
+    from engine.checkpoint import load_consolidated
+
+    train(_cfg(tmp_path, "train.steps=2", "checkpoint.every=2"))
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert load_consolidated(ckpt)["model"]  # the genuine index loads with the restricted unpickler
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(ValueError, match="not DCP metadata"):
+        load_consolidated(ckpt)
+    with pytest.raises(ValueError, match="not DCP metadata"):
+        train(_cfg(tmp_path, "train.steps=4"))  # resume goes through the same reader
+    assert not marker.exists()
