@@ -12,7 +12,7 @@ synchronisation, so queued GPU work is counted. Batches come from the endless (r
   say nothing about GPU speed.
 
 The last column estimates the fraction of a ViT-S/16 step that would wait for data if the step ran at the
-1,850 img/s target of ../shared/docs/targets.md: max(0, 1 - pipeline img/s / 1,850) (no overlap assumed beyond the
+project's 1,850 img/s goal for one H100: max(0, 1 - pipeline img/s / 1,850) (no overlap assumed beyond the
 loader's prefetch). Data: realistic JPEG shards (benchmarks/make_shards.py, ~500 x 375, quality 90), made on first
 use under --cache unless --shards is given.
 
@@ -38,7 +38,7 @@ from engine.config import DataConfig, MaskConfig
 from engine.data.shards.resolve import MANIFEST
 from engine.data.shards.stream import build_shard_stream
 
-VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (targets.md)
+VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (the project's goal)
 
 
 def cpu_model() -> str:

@@ -34,12 +34,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 PART=${1:-all}
 DAY=$(date -u +%Y%m%d)
-W="precision=bf16 distributed.strategy=none train.batch_size=64"  # targets.md workload; synthetic batches on the GPU
+W="precision=bf16 distributed.strategy=none train.batch_size=64"  # the goal workload of one H100; synthetic batches on the GPU
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     # Correctness on CUDA: kernels (bf16/fp16 error vs the reference run, large K, opcheck + compile), attention
     # backends vs SDPA (outputs and gradients, packed and unpacked), apex vs torch when apex is there, data ops.
     step gpu_tests 120 python -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/kernels \
-        tests/test_attention.py tests/test_efficiency.py tests/test_gpu_aug.py tests/test_shards.py
+        tests/model/test_attention.py tests/model/test_efficiency.py tests/data/test_gpu_aug.py tests/data/test_shards.py
     # The step (issue 6 goals): ViT-S/16 and ViT-B/16, B = 64, bf16, 2 x 224 + 10 x 96, K = 8192, compiled blocks,
     # against lightly's iBOT example step (bf16, masks outside the step, compiled blocks) in the same process.
     step bench_vit_s16 210 python -m engine bench --config launch/configs/vit_s16.yaml $W train.compile=true \

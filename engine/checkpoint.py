@@ -8,9 +8,9 @@ teacher, centres, the optimizer's per-parameter state, grad scaler, step, RNG, d
 load, so a run saved at 2 ranks resumes at 1 or 4 (same global batch), with DDP, FSDP2 or one process.
 `load_consolidated(path)` reads full, unsharded model tensors on the CPU without a process group.
 
-Legacy single-file format (still read and written by `Checkpointer.save` / `load_checkpoint`):
-a checkpoint is `<run>/checkpoints/step_XXXXXXXX.pt`: student, teacher, centres, optimizer, grad scaler, step,
-RNG states and the data position. It is written to a temporary file in the same directory, flushed and fsynced,
+Single-file format (`Checkpointer.save` / `load_checkpoint`; evaluation, export and visualisation read it, the
+trainer neither writes nor resumes it): a checkpoint is `<run>/checkpoints/step_XXXXXXXX.pt`, any dict of tensors
+(e.g. step, model, config). It is written to a temporary file in the same directory, flushed and fsynced,
 then renamed over its final name (atomic on POSIX), and only then does the `latest` pointer move (itself
 replaced atomically). A process killed mid-save leaves at most a stray `*.tmp` file; the previous checkpoint and
 pointer stay intact. Loading uses `weights_only=True`: no arbitrary unpickling.
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config, config_from_dict
+from engine.distributed import barrier, get_rank, is_distributed
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,8 @@ class ShardedCheckpointer(Checkpointer):
         self.async_save = async_save
         self._pending = None
         self._group = None
-        if async_save and dist.is_initialized() and dist.get_world_size() > 1:
+        if async_save and is_distributed():
             self._group = dist.new_group(backend="gloo")  # collective: every rank builds it at the same time
-
-    def _rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    def _barrier(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:  # type: ignore[override]
         """Collective: every rank passes its state (DTensors for its shards); returns the final directory."""
@@ -173,10 +167,10 @@ class ShardedCheckpointer(Checkpointer):
         self.wait()  # one save in flight at a time
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".step_{step:08d}.tmp"
-        if self._rank() == 0:
+        if get_rank() == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-        self._barrier()
+        barrier()
         meta = {"step": step, **(meta or {})}
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         if self.async_save:
@@ -185,9 +179,9 @@ class ShardedCheckpointer(Checkpointer):
         else:
             with _single_process_quiet():
                 dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-            if self._rank() == 0:
+            if get_rank() == 0:
                 self._finalize(tmp, final, meta)
-            self._barrier()  # nobody reads `latest` before it names this save
+            barrier()  # nobody reads `latest` before it names this save
         return final
 
     def wait(self) -> None:
@@ -196,7 +190,7 @@ class ShardedCheckpointer(Checkpointer):
             return
         pending, self._pending = self._pending, None
         pending.result()  # raises if the background save failed: the previous `latest` stays
-        if self._rank() == 0:
+        if get_rank() == 0:
             self._finalize(*self._pending_args)
 
     def _finalize(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.tensorboard import open_writer, write_record
+
 _START = time.time()
 
 
@@ -60,8 +62,6 @@ class MetricLogger:
         self._task = None
         self._tensorboard = None
         if enabled and tensorboard:
-            from engine.tensorboard import open_writer
-
             self._tensorboard = open_writer(run_dir)
         if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -79,8 +79,6 @@ class MetricLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
-            from engine.tensorboard import write_record
-
             write_record(self._tensorboard, record)
         line = f"step {record['step']}/{self.total_steps}"
         if "loss" in record:  # a training step (the step-0 record holds the random-init k-NN only)

@@ -136,7 +136,7 @@ def koleo_loss(cls_tokens: Tensor, num_global: int, *, all_gather: Callable[[Ten
     `engine.distributed.all_gather_with_grad`), and each rank returns the mean over its own rows. The trainer's
     all-reduce mean of the logged value is then the global batch's loss, and DDP / FSDP2's gradient averaging gives
     exactly its gradient: the loss does not depend on how the batch is split over ranks. The sum over global views
-    (not the mean) is DINOv2's. Pitfall-free forms: fp32 before normalising; the distance is the plain L2 norm
+    (not the mean) is DINOv2's. Numerically safe forms: fp32 before normalising; the distance is the plain L2 norm
     (DINOv2's `PairwiseDistance` adds eps inside the difference, which gives a 3e5 gradient at a duplicate pair;
     ours gives 0 there and a bounded loss of -log(eps)); a global batch of one image has no neighbour: loss 0.
 

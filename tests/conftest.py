@@ -1,8 +1,8 @@
-"""Shared fixtures of the whole suite: a fixed seed for every test, and the tiny engine configuration.
+"""The suite's shared fixtures: a fixed seed for every test, and the tiny engine configuration.
 
-`TINY_OVERRIDES` and `read_metrics` live in tests/helpers.py (plain constants and functions that test modules and the
-scripts they start import); the fixtures here hand them to tests that take them as arguments. Kernel-only fixtures
-(where Triton really runs) are in tests/kernels/conftest.py.
+The tiny configuration itself (`TINY_OVERRIDES`, `tiny_config(*extra)`) and `read_metrics` live in tests/helpers.py,
+an ordinary module that test modules, module-level helpers and the scripts tests start can import; `tiny_cfg` hands
+it to a test as a fixture. Kernel-only fixtures (where Triton really runs) are in tests/kernels/conftest.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import Config, load_config
-from tests.helpers import TINY_OVERRIDES
+from engine.config import Config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -23,5 +23,5 @@ def seed() -> int:
 
 @pytest.fixture
 def tiny_cfg() -> Config:
-    """The tiny but real configuration (tests/helpers.py: TINY_OVERRIDES) as a `Config`."""
-    return load_config(None, TINY_OVERRIDES)
+    """The tiny but real configuration (tests/helpers.py) as a `Config`."""
+    return tiny_config()

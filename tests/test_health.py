@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import engine.model.ibot as ibot_module
-from engine.config import load_config
 from engine.health import HEALTH_KEYS, CollapseDetector, TrainingCollapsedError, health_metrics
 from engine.tools.plot import plot_health_run
 from engine.train.loop import train
-from tests.helpers import TINY_OVERRIDES, read_metrics
+from tests.helpers import read_metrics, tiny_config
 
 
 def _batch(seed: int = 0):
@@ -129,7 +128,7 @@ def _constant_teacher(monkeypatch):
 def test_a_forced_collapse_is_reported_in_the_log_and_metrics(tmp_path, monkeypatch, caplog):
     _constant_teacher(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="engine.health"):
-        last = train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=5"]))
+        last = train(tiny_config(f"run.dir={tmp_path}", "train.steps=5"))
     kinds = sorted(m.split("]")[0].strip("[") for m in last["collapse"])
     assert kinds == ["teacher_cls_std", "uniform"]
     assert all("step 3" in m for m in last["collapse"])  # patience 3, logging every step
@@ -141,7 +140,7 @@ def test_a_forced_collapse_is_reported_in_the_log_and_metrics(tmp_path, monkeypa
 
 def test_on_collapse_stop_ends_the_run_after_writing_the_step(tmp_path, monkeypatch):
     _constant_teacher(monkeypatch)
-    cfg = load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=6", "train.on_collapse=stop"])
+    cfg = tiny_config(f"run.dir={tmp_path}", "train.steps=6", "train.on_collapse=stop")
     with pytest.raises(TrainingCollapsedError, match=r"uniform|teacher_cls_std"):
         train(cfg)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
@@ -149,8 +148,8 @@ def test_on_collapse_stop_ends_the_run_after_writing_the_step(tmp_path, monkeypa
 
 
 def test_health_metrics_in_a_real_run_and_its_plot(tmp_path):
-    last = train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=3",
-                                    "loss.koleo_weight=0.1"]))
+    last = train(tiny_config(f"run.dir={tmp_path}", "train.steps=3",
+                                    "loss.koleo_weight=0.1"))
     assert last["collapse"] == []
     for record in read_metrics(tmp_path):
         for key in HEALTH_KEYS:

@@ -197,7 +197,7 @@ def _center_momentum_off(t):  # centres with momentum 0.8 instead of 0.9
     t.model.center_momentum = 0.8
 
 
-def _patch_loss_per_token(t, monkeypatch):  # patch loss averaged over all masked tokens (pitfall 5)
+def _patch_loss_per_token(t, monkeypatch):  # patch loss averaged over all masked tokens, not per image first
     monkeypatch.setattr(objective_module, "masked_token_weights",
                         lambda mask, m: torch.full((m,), mask.shape[0] / max(m, 1), device=mask.device))
 

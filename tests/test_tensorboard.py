@@ -8,17 +8,16 @@ import sys
 import pytest
 
 import engine.tensorboard as tb
-from engine.config import load_config
 from engine.train.loop import train
-from tests.helpers import TINY_OVERRIDES, read_metrics
+from tests.helpers import read_metrics, tiny_config
 
 
 def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=3", "run.tensorboard=true",
-                             "eval.knn_every=3", "data.builtin_size=40"]))
+    train(tiny_config(f"run.dir={tmp_path}", "train.steps=3", "run.tensorboard=true",
+                             "eval.knn_every=3", "data.builtin_size=40"))
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     acc = EventAccumulator(str(events[0]))
@@ -41,7 +40,7 @@ def test_missing_tensorboard_warns_once_and_training_goes_on(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="engine.tensorboard"):
         assert tb.open_writer(tmp_path) is None
         assert tb.open_writer(tmp_path) is None
-        train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}", "train.steps=1", "run.tensorboard=true"]))
+        train(tiny_config(f"run.dir={tmp_path}", "train.steps=1", "run.tensorboard=true"))
     warnings = [r for r in caplog.records if "tensorboard package is not installed" in r.getMessage()]
     assert len(warnings) == 1
     assert len(read_metrics(tmp_path)) == 1 and not (tmp_path / "tensorboard").exists()

@@ -39,6 +39,7 @@ from engine.data.batch import Batch
 from engine.data.masking import generate_masks, masked_token_indices
 from engine.distributed import DistEnv
 from engine.precision import autocast_dtype
+from engine.train.parallel import build_grad_scaler
 from engine.train.schedules import Hyperparams, hyperparams_at
 from engine.train.step import train_step
 from engine.train.trainer import Trainer, build_trainer
@@ -62,11 +63,11 @@ def synthetic_batches(cfg: Config, device: torch.device, *, batch_size: int, num
     for i in range(num_batches):
         masks = generate_masks(cfg.mask, grid, seed=seed, epoch=0, batch=i, rank=rank,
                                indices=range(i * batch_size, (i + 1) * batch_size), num_views=G)
-        mask_indices, mask_weights = masked_token_indices(masks)
+        mask_indices, _ = masked_token_indices(masks)
         batches.append(Batch(
             global_crops=torch.randn(G * batch_size, 3, d.global_size, d.global_size, device=device, generator=gen),
             local_crops=torch.randn(L * batch_size, 3, d.local_size, d.local_size, device=device, generator=gen),
-            masks=masks.to(device), mask_indices=mask_indices.to(device), mask_weights=mask_weights.to(device),
+            masks=masks.to(device), mask_indices=mask_indices.to(device),
             labels=torch.full((batch_size,), -1, dtype=torch.int64, device=device),
             indices=torch.arange(i * batch_size, (i + 1) * batch_size, device=device),
         ))
@@ -208,9 +209,12 @@ def harness_batch_trier(h: StepHarness, steps: int = 2) -> Callable[[int], None]
         finally:
             batches = None
             h.trainer.optimizer.zero_grad(set_to_none=True)
-            states = getattr(h.trainer.scaler, "_per_optimizer_states", None)
-            if h.trainer.scaler.is_enabled() and states is not None:
-                states.clear()  # fp16: a step cut short by OOM leaves the scaler mid-step ("already unscaled")
+            if h.trainer.scaler.is_enabled():
+                # fp16: a step cut short by OOM leaves the scaler mid-step ("already unscaled"). GradScaler has no
+                # public reset of that per-optimizer state: a fresh scaler with the same scale replaces it.
+                fresh = build_grad_scaler(h.cfg, h.env)
+                fresh.load_state_dict(h.trainer.scaler.state_dict())
+                h.trainer.scaler = fresh
             free_device_memory(h.env.device)
 
     return try_batch

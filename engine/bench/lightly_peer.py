@@ -1,13 +1,13 @@
 """The peer row of `ibot bench --compare lightly`: lightly's iBOT example training step, in its best form.
 
-Written after lightly 1.6.0's iBOT example (lightly-ai/lightly `examples/pytorch/ibot.py`), read for facts:
-timm ViT (learned position embedding, `dynamic_img_size=True`, LayerScale 1e-5) wrapped in lightly's
+Written after lightly 1.6.0's iBOT example (lightly-ai/lightly `examples/pytorch/ibot.py`), read for facts: timm ViT
+(learned position embedding, `dynamic_img_size=True`, LayerScale 1e-5) wrapped in lightly's
 `MaskedVisionTransformerTIMM`, student = copy of the teacher with uniform drop-path 0.1, `DINOProjectionHead`s,
-`DINOLoss` on the cls tokens + `IBOTPatchLoss` on the masked global tokens, AdamW, `update_momentum` EMA of
-backbone and head. "Best form" (the fastest way a user of lightly would run it, so the comparison is fair to
-it): bf16 autocast where our run uses it, block masks drawn outside the
-step (a fixed set, cycled, as a data loader would hand them over) and `torch.compile` on the ViT blocks when our
-run compiles. Same device, batch, crops, K and head widths as our row.
+`DINOLoss` on the cls tokens + `IBOTPatchLoss` on the masked global tokens, AdamW, `update_momentum` EMA of backbone
+and head. "Best form" (the fastest way a user of lightly would run it, so the comparison is fair to it): bf16
+autocast where our run uses it, block masks drawn outside the step (a fixed set, cycled, as a data loader would hand
+them over) and `torch.compile` on the ViT blocks when our run compiles. Same device, batch, crops, K and head widths
+as our row.
 
 Needs the `bench` extra (`pip install 'ibot-engine[bench]'`: lightly and timm); `require_lightly()` checks it
 before any benchmark runs.

@@ -3,7 +3,7 @@
 Shapes: B images per rank, G global views, L local views, h x w patch grid of a global crop (h = Hg // patch),
 M masked tokens of the batch. Crops are view-major: all B images of view 0, then view 1, ...
     global_crops [G*B, 3, Hg, Wg] float32     local_crops [L*B, 3, Hl, Wl] float32
-    masks [G*B, h, w] bool   mask_indices [M] int64   mask_weights [M] float32   labels, indices [B] int64
+    masks [G*B, h, w] bool   mask_indices [M] int64   labels, indices [B] int64
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class Batch:
     local_crops: Tensor  # [L*B, 3, Hl, Wl] float32, view-major; [0, 3, Hl, Wl] when L == 0
     masks: Tensor  # [G*B, h, w] bool, same order as global_crops
     mask_indices: Tensor  # [M] int64, masks.flatten().nonzero() order
-    mask_weights: Tensor  # [M] float32, 1 / (masked count of the token's image)
     labels: Tensor  # [B] int64, -1 where unknown
     indices: Tensor  # [B] int64 dataset indices of the images actually loaded
     num_skipped: int = 0  # unreadable files replaced by the next readable one in this batch
@@ -112,13 +111,12 @@ class MultiCropCollate:
             indices=[s.key.index for s in samples],
             num_views=self.num_global,
         )
-        mask_indices, mask_weights = masked_token_indices(masks)
+        mask_indices, _ = masked_token_indices(masks)  # the loss weighs masked tokens itself (objective.py)
         return Batch(
             global_crops=global_crops,
             local_crops=local_crops,
             masks=masks,
             mask_indices=mask_indices,
-            mask_weights=mask_weights,
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             indices=torch.tensor([s.index for s in samples], dtype=torch.int64),
             num_skipped=sum(s.num_skipped for s in samples),

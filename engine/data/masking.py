@@ -1,6 +1,7 @@
 """Block-wise masks for iBOT's masked image modelling, drawn on the CPU in the data collate.
 
-Two variants (spec A.3, pitfall 9), both built on the BEiT block generator (`block_mask`):
+Two variants (`mask.variant`; their draws differ as below, so say which one a result used), both built on the BEiT
+block generator (`block_mask`):
 
 * `official` (bytedance/ibot `loader.py: ImageFolderMask`): every global crop independently is masked with
   probability `mask.probability`, with a ratio r ~ U(ratio_min, ratio_max) of its h*w patches; the smallest
@@ -14,7 +15,7 @@ Two variants (spec A.3, pitfall 9), both built on the BEiT block generator (`blo
 
 The generator places rectangles with pure-Python arithmetic and one numpy slice per attempt on an h x w grid
 (14 x 14 at 224 px / patch 16), which costs microseconds per crop in a dataloader worker; no torch op runs
-per attempt (pitfall 19).
+per attempt (its dispatch alone would cost more than the arithmetic), and nothing runs on the GPU.
 
 Shapes: B images, G global views, h x w patch grid, M masked tokens of the whole batch.
     masks        [G*B, h, w] bool, view-major like the global crops (all B images of view 0, then view 1)

@@ -1,4 +1,4 @@
-"""The official iBOT multi-crop augmentation (bytedance/ibot `main_ibot.py: DataAugmentationiBOT`, spec A.2).
+"""The official iBOT multi-crop augmentation (bytedance/ibot `main_ibot.py: DataAugmentationiBOT`).
 
 Per image: G global crops (RandomResizedCrop to `data.global_size`, scale `data.global_scale`, bicubic) and L
 local crops (`data.local_size`, `data.local_scale`). Every view: horizontal flip p=0.5, ColorJitter(0.4, 0.4,

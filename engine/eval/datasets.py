@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from PIL import Image
 
 from engine.config import Config
 from engine.data.folder import ImageFolderDataset
-from engine.data.shards.resolve import IMAGE_KEYS, resolve_shards
+from engine.data.shards.resolve import IMAGE_KEYS, index_local_shard, read_member, resolve_shards
 from engine.data.synthetic import builtin_dataset
 
 log = logging.getLogger(__name__)
@@ -27,8 +26,9 @@ class ShardEvalDataset(torch.utils.data.Dataset):
     """`(PIL image, label)` of local WebDataset shards with labels (`ibot shards write` of a class-folder tree), by
     index in shard order, so the ranks can split them like a folder.
 
-    The tar headers are scanned once (labels read, image members located); `__getitem__` reads one member by offset.
-    An unreadable image is logged once and replaced by the next readable one, as in `ImageFolderDataset`.
+    The tar headers are scanned once (`index_local_shard`: labels read, image members located); `__getitem__` reads
+    one member by offset. An unreadable image is logged once and replaced by the next readable one, as in
+    `ImageFolderDataset`.
     """
 
     def __init__(self, spec: str) -> None:
@@ -38,20 +38,13 @@ class ShardEvalDataset(torch.utils.data.Dataset):
             path = url.removeprefix("file:")
             if not Path(path).is_file():
                 raise ValueError(f"evaluation reads local shard files only: {url!r} (in {spec!r}) is not one")
-            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(path, "r:") as tar:
-                for info in tar:
-                    folder, _, name = info.name.rpartition("/")
-                    stem, dot, ext = name.partition(".")
-                    if info.isreg() and dot and not name.startswith("__"):
-                        samples.setdefault(f"{folder}/{stem}", {})[ext.lower()] = info
-                for key, members in samples.items():
-                    image = next((members[k] for k in IMAGE_KEYS if k in members), None)
-                    if image is None or "cls" not in members:
-                        raise ValueError(f"evaluation needs labelled images: sample {key!r} of shard {url!r} has "
-                                         f"no {'image' if image is None else '.cls label'}")
-                    label = int(tar.extractfile(members["cls"]).read().decode())  # type: ignore[union-attr]
-                    self.items.append((path, image.offset_data, image.size, label))
+            for key, members in index_local_shard(path):
+                image = next((members[k] for k in IMAGE_KEYS if k in members), None)
+                if image is None or "cls" not in members:
+                    raise ValueError(f"evaluation needs labelled images: sample {key!r} of shard {url!r} has "
+                                     f"no {'image' if image is None else '.cls label'}")
+                label = int(read_member(path, *members["cls"]).decode())
+                self.items.append((path, *image, label))
         if not self.items:
             raise ValueError(f"shards {spec!r} hold no samples")
         self._reported: set[int] = set()
@@ -64,10 +57,8 @@ class ShardEvalDataset(torch.utils.data.Dataset):
             i = (index + step) % len(self.items)
             path, offset, size, label = self.items[i]
             try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    with Image.open(io.BytesIO(f.read(size))) as opened:
-                        return opened.convert("RGB"), label
+                with Image.open(io.BytesIO(read_member(path, offset, size))) as opened:
+                    return opened.convert("RGB"), label
             except Exception as err:  # any decoder error means "skip this image"
                 if i not in self._reported:
                     self._reported.add(i)

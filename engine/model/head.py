@@ -5,8 +5,8 @@ MLP D -> 2048 -> 2048 -> 256 (GELU, no norm), L2-normalisation, then a weight-no
 frozen at 1, so logits are exact cosines in [-1, 1].
 
 One head serves cls and patch tokens on both networks (the published recipes' `--shared_head true`). We avoid
-the official code-default trap (spec A.1, pitfall 10): with its defaults the student projects patches with a
-separate `last_layer2` that is never EMA'd into the teacher, while the teacher projects them with its cls layer.
+a trap of the official code's defaults (bytedance/ibot `main_ibot.py`): with them the student projects patches
+with a separate `last_layer2` that is never EMA'd into the teacher, while the teacher projects them with its cls layer.
 
 The weight norm is written out (`weight_g`, `weight_v`) instead of `torch.nn.utils.weight_norm` (deprecated)
 or its parametrize version (which renames the tensors), so freezing and EMA-by-name stay simple.

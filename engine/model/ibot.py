@@ -2,8 +2,9 @@
 
 The student sees the masked global crops and the unmasked local crops in one `forward` call (one DDP/FSDP
 forward per step) and runs its head once, on the cls tokens of every crop plus the masked global tokens only
-(pitfall 17). The teacher (EMA of the student, eval mode, no drop-path, no mask token, no grad) sees the unmasked
-global crops only (pitfall 1).
+(the unmasked global tokens never enter the loss, so projecting them to K prototypes would be wasted work). The
+teacher (EMA of the student, eval mode, no drop-path, no mask token, no grad) sees the unmasked global crops only:
+its patch targets are of the image the student sees masked.
 
 Shapes: G global views, L local views, B images per view, N patches per global crop, D embed dim, K prototypes,
 M masked tokens (flat indices into [G*B, N], `mask.nonzero()` order).

@@ -8,7 +8,7 @@ softmax(QK^T)); `forward_packed` runs crops of several resolutions as one packed
 Per block, optionally: activation checkpointing (full, or selective: matmul and attention outputs saved,
 elementwise ops recomputed) and stochastic depth computed only for the kept samples (`drop_path_impl=subset`).
 
-Masking (spec A.1, pitfall 2): masked patch embeddings are replaced by the learned mask token *before* the
+Masking (as in the official `masked_embed`): masked patch embeddings are replaced by the learned mask token *before* the
 position embedding is added, so masked tokens keep their position; the cls token is never masked. Only the
 student has a mask token.
 
@@ -215,7 +215,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(3, a.embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, a.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid[0] * self.base_grid[1], a.embed_dim))
-        # Student only (pitfall 1): zero-initialised as in the official `masked_embed`.
+        # Student only (the teacher never sees masked crops): zero-initialised as in the official `masked_embed`.
         self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim)) if mask_token else None
         # Linear stochastic-depth schedule over depth (on the CPU, so the model can be built on the meta device).
         rates = torch.linspace(0, drop_path, a.depth, device="cpu").tolist()

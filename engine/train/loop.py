@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.checkpoint import is_sharded_checkpoint, load_checkpoint
+from engine.checkpoint import is_sharded_checkpoint
 from engine.config import Config, config_to_dict, save_config
 from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
 from engine.eval.knn import KnnEvaluator
@@ -132,11 +132,11 @@ def _resume(t: Trainer, run_dir: Path) -> None:
     """Load the checkpoint `checkpoint.resume` names (rank 0's choice, for all ranks), if any, and drop the metrics
     records past its step."""
     resume = broadcast_object(t.checkpointer.resolve_resume(t.cfg.checkpoint.resume))
-    if resume is not None and is_sharded_checkpoint(resume):
+    if resume is not None and not is_sharded_checkpoint(resume):
+        raise ValueError(f"checkpoint.resume: {str(resume)!r} is a single-file checkpoint; training resumes only from "
+                         "the sharded checkpoint directories it writes (evaluation and export read both)")
+    if resume is not None:
         restore_training_state(t, resume)  # any world size / strategy saved it: DCP reshards
-        log.info("resumed from %s at step %d", resume, t.step)
-    elif resume is not None:
-        t.load_state_dict(load_checkpoint(resume))  # legacy single-file checkpoint
         log.info("resumed from %s at step %d", resume, t.step)
     if t.env.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", t.step)  # records past the resumed step are superseded

@@ -1,7 +1,8 @@
 """AdamW with decay / no-decay groups, scheduled hyperparameters, gradient clipping without host syncs.
 
-Groups as in the official `get_params_groups` (pitfall 12): biases and 1-D parameters (norms, LayerScale) are not
-decayed; everything else is (pos-embed, cls and mask tokens, the head's weight_v, and weight_g when trainable).
+Groups as in the official `get_params_groups` (bytedance/ibot `utils.py`): biases and 1-D parameters (norms,
+LayerScale) are not decayed; everything else is (pos-embed, cls and mask tokens, the head's weight_v, and weight_g
+when trainable).
 """
 
 from __future__ import annotations

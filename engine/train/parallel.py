@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from engine.config import Config
-from engine.distributed import DistEnv
+from engine.distributed import DistEnv, get_rank, is_distributed
 from engine.model.ibot import IBOT
 from engine.precision import autocast_dtype
 
@@ -102,8 +102,9 @@ def _is_dtensor(t: Tensor) -> bool:
 
 @torch.no_grad()
 def clip_sharded_gradients_(params: list[Tensor], max_norm: float, mode: str) -> Tensor:
-    """`engine.train.optim.clip_gradients_` for DTensor (FSDP2, Shard(0)) gradients: norms of the local shards, squared
-    and summed over ranks in one all-reduce, so every rank scales its shards by the factors of the full tensors.
+    """`engine.train.optim.clip_gradients_` for DTensor (FSDP2, Shard(0)) gradients: norms of the local shards,
+    squared and summed over ranks in one all-reduce, so every rank scales its shards by the factors of the full
+    tensors.
     Returns the global gradient norm (a replicated plain tensor)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -111,9 +112,9 @@ def clip_sharded_gradients_(params: list[Tensor], max_norm: float, mode: str) ->
     local = [g.to_local() if _is_dtensor(g) else g for g in grads]
     squares = torch.stack(torch._foreach_norm(local)).float().square()
     sharded = torch.tensor([_is_dtensor(g) for g in grads], device=squares.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         # Replicated (plain) gradients count once: only rank 0 contributes them to the sum.
-        if dist.get_rank() != 0:
+        if get_rank() != 0:
             squares = torch.where(sharded, squares, torch.zeros_like(squares))
         dist.all_reduce(squares)
     norms = squares.sqrt()

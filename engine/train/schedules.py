@@ -1,8 +1,9 @@
 """Every schedule as a pure function of the step (so resuming needs only the step).
 
-Official iBOT semantics (spec A.6): lr linear warm-up from 0 then cosine to min_lr, per iteration; weight decay
-cosine 0.04 -> 0.4 over all iterations; EMA momentum cosine 0.996 -> 1; teacher temperature per *epoch*
-(`linspace(warmup, final, warmup_epochs)` then constant) or, as an option, per step (DINOv2, lightly).
+Official iBOT semantics (bytedance/ibot `main_ibot.py`, `utils.cosine_scheduler`): lr linear warm-up from 0 then
+cosine to min_lr, per iteration; weight decay cosine 0.04 -> 0.4 over all iterations; EMA momentum cosine 0.996 -> 1;
+teacher temperature per *epoch* (`linspace(warmup, final, warmup_epochs)` then constant) or, as an option, per step
+(DINOv2, lightly).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Hyperparams:
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
-    """lr * total_batch / 256 (linear scaling rule of iBOT, reference batch 256; pitfall 11)."""
+    """lr * total_batch / 256: iBOT's linear scaling rule (`optim.lr` is per 256 images of the global batch; DINOv2
+    scales by the square root with reference 1024 instead, so its learning rates do not carry over)."""
     return cfg.optim.lr * cfg.train.batch_size * world_size / 256.0
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import Checkpointer, ShardedCheckpointer
-from engine.config import Config, config_to_dict
+from engine.config import Config
 from engine.data.stream import build_data_stream
 from engine.distributed import DistEnv
 from engine.model.attention import check_attention
@@ -32,31 +32,7 @@ class Trainer:
     data: Any  # engine.data.loader.DataStream or engine.data.shards.stream.ShardStream
     checkpointer: Checkpointer
     total_steps: int
-    step: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "data": self.data.state_dict(),
-            "rng": rng,
-            "config": config_to_dict(self.cfg),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    step: int = 0  # its checkpoint state: engine/train/state.py
 
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:

@@ -64,7 +64,7 @@ def _take(stream: DataStream, count: int) -> list[Batch]:
 
 
 def _assert_same(a: Batch, b: Batch) -> None:
-    for name in ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "labels", "indices"):
+    for name in ("global_crops", "local_crops", "masks", "mask_indices", "labels", "indices"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.num_skipped == b.num_skipped
 
@@ -276,7 +276,6 @@ def test_batch_fields() -> None:
     assert batch.masks.dtype == torch.bool
     assert batch.mask_indices.dtype == torch.int64
     assert torch.equal(batch.mask_indices, batch.masks.flatten().nonzero().flatten())
-    assert batch.mask_weights.dtype == torch.float32
     assert batch.labels.dtype == batch.indices.dtype == torch.int64
     assert batch.num_skipped == 0
     moved = batch.to(torch.device("cpu"))

@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.config import load_config
 from engine.data.dataloader import build_train_loader
 from engine.data.stream import build_data_stream
 from engine.train.loop import train
-from tests.helpers import TINY_OVERRIDES, read_metrics
+from tests.helpers import TINY_OVERRIDES, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "launch" / "examples"
@@ -29,7 +28,7 @@ def child_env() -> dict[str, str]:
 
 
 def _cfg(*extra: str):
-    return load_config(None, [*TINY_OVERRIDES, *extra])
+    return tiny_config(*extra)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -45,7 +44,7 @@ def test_train_loader_yields_the_data_stream_batches(rank):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
             expected = next(ours)
-            for name in ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "labels", "indices"):
+            for name in ("global_crops", "local_crops", "masks", "mask_indices", "labels", "indices"):
                 assert torch.equal(getattr(batch, name), getattr(expected, name)), (epoch, name)
 
 

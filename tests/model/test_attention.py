@@ -14,7 +14,7 @@ from engine.config import ConfigError, load_config
 from engine.model.attention import Packing, check_attention, make_packing
 from engine.model.ibot import IBOTNetwork
 from engine.model.vit import VisionTransformer, drop_path
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import tiny_config
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -144,7 +144,7 @@ def test_packed_drop_path_draws_one_decision_per_crop():
 def test_student_network_with_packed_crops_equals_unpacked():
     """Through the iBOT network (head, masked-token selection): logits and every gradient agree."""
     def run(pack: bool):
-        cfg = load_config(None, [*TINY_OVERRIDES, "model.drop_path=0", f"model.pack_crops={str(pack).lower()}"])
+        cfg = tiny_config("model.drop_path=0", f"model.pack_crops={str(pack).lower()}")
         torch.manual_seed(0)
         net = IBOTNetwork(cfg.model, student=True).train()
         g, loc, m = _inputs()

@@ -18,7 +18,7 @@ from engine.train.optim import apply_hyperparams, build_optimizer
 from engine.train.schedules import hyperparams_at
 from engine.train.step import train_step
 from engine.train.trainer import build_trainer
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import TINY_OVERRIDES, tiny_config
 
 
 def _grads_of(vit: VisionTransformer, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -102,8 +102,8 @@ def test_training_runs_with_every_efficiency_option(tmp_path):
 
     for options in (["model.pack_crops=true", "train.activation_checkpointing=selective"],
                     ["model.drop_path_impl=subset", "train.activation_checkpointing=full"]):
-        last = train(load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path / options[0]}", "train.steps=2",
-                                        *options]))
+        last = train(tiny_config(f"run.dir={tmp_path / options[0]}", "train.steps=2",
+                                        *options))
         assert last["step"] == 2 and torch.isfinite(torch.tensor(last["loss"]))
 
 
@@ -173,7 +173,7 @@ def test_pypi_apex_is_detected_and_ignored(tmp_path, clean_apex, caplog):
     assert caplog.text.count("optim.impl=apex asked for") == 1  # said once
 
 
-def test_nvidia_apex_is_used_where_it_can_run(tmp_path, clean_apex, caplog):
+def test_nvidia_apex_is_used_where_it_can_run(tmp_path, clean_apex, caplog, tiny_cfg):
     """Dispatch only (a real apex build needs CUDA): a package with apex's module layout is picked up for the norm
     (its FusedLayerNorm runs torch's kernel on CPU tensors), while FusedAdam needs CUDA tensors."""
     _fake_package(tmp_path, {
@@ -194,10 +194,10 @@ def test_nvidia_apex_is_used_where_it_can_run(tmp_path, clean_apex, caplog):
     assert accel.nvidia_apex() is not None
     from engine.model.ibot import IBOTNetwork
 
-    net = IBOTNetwork(load_config(None, [*TINY_OVERRIDES, "model.norm_impl=apex"]).model, student=True)
+    net = IBOTNetwork(tiny_config("model.norm_impl=apex").model, student=True)
     assert type(net.backbone.blocks[0].norm1).__name__ == "FusedLayerNorm"
     assert type(net.backbone.norm).__name__ == "FusedLayerNorm"
-    plain = IBOTNetwork(load_config(None, TINY_OVERRIDES).model, student=True)
+    plain = IBOTNetwork(tiny_cfg.model, student=True)
     assert plain.state_dict().keys() == net.state_dict().keys()  # checkpoints move between the two
     with caplog.at_level(logging.WARNING):
         opt = build_optimizer(net, load_config(None, ["optim.impl=apex"]).optim, torch.device("cpu"))

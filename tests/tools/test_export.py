@@ -15,14 +15,14 @@ from engine.config import config_to_dict, load_config
 from engine.model.ibot import IBOT
 from engine.model.vit import VisionTransformer
 from engine.tools.export import TIMM_NAMES, backbone_state, timm_kwargs, to_timm
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import tiny_config
 
 timm = pytest.importorskip("timm")
 
 
 def _checkpoint(run_dir, *extra: str):
     """A real checkpoint file of a fresh tiny model whose student differs from its teacher."""
-    cfg = load_config(None, [*TINY_OVERRIDES, f"run.dir={run_dir}", *extra])
+    cfg = tiny_config(f"run.dir={run_dir}", *extra)
     torch.manual_seed(0)
     model = IBOT(cfg.model, cfg.loss)
     with torch.no_grad():

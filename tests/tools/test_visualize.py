@@ -13,7 +13,7 @@ from engine.config import config_to_dict, load_config
 from engine.model.ibot import IBOT
 from engine.model.vit import VisionTransformer
 from engine.tools.visualize import example_masks, last_block_attention
-from tests.helpers import TINY_OVERRIDES
+from tests.helpers import tiny_config
 
 
 def test_explicit_attention_reproduces_the_sdpa_block():
@@ -45,7 +45,7 @@ def test_example_masks_follow_the_ratios():
 
 
 def test_visualize_writes_a_png_of_the_right_size(tmp_path, capsys):
-    cfg = load_config(None, [*TINY_OVERRIDES, f"run.dir={tmp_path}"])
+    cfg = tiny_config(f"run.dir={tmp_path}")
     Checkpointer(tmp_path).save(1, {"step": 1, "model": IBOT(cfg.model, cfg.loss).state_dict(),
                                     "config": config_to_dict(cfg)})
     image = tmp_path / "in.jpg"

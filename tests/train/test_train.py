@@ -17,16 +17,15 @@ import torch
 import engine.train.loop as train_module
 import engine.train.step as step_module
 from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.config import load_config
 from engine.health import NonFiniteLossError
 from engine.train.loop import train
-from tests.helpers import TINY_OVERRIDES, read_metrics
+from tests.helpers import read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(run_dir: Path, *extra: str):
-    return load_config(None, [*TINY_OVERRIDES, f"run.dir={run_dir}", *extra])
+    return tiny_config(f"run.dir={run_dir}", *extra)
 
 
 def test_30_step_run_lowers_the_loss(tmp_path):

@@ -156,3 +156,24 @@ def assign_shards(counts: list[int], num_slots: int) -> list[list[int]]:
         slots[target].append(i)
         load[target] += counts[i]
     return slots
+
+
+def index_local_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of a local shard file, in archive order, without reading their data: `(key, {extension: (data
+    offset, size)})`. Members group into samples as webdataset groups them (the member name up to the first dot of
+    its base name); `__`-prefixed names and non-files are left out. `read_member` reads one member back."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            folder, _, name = info.name.rpartition("/")
+            stem, dot, ext = name.partition(".")
+            if info.isreg() and dot and not name.startswith("__"):
+                samples.setdefault(f"{folder}/{stem}", {})[ext.lower()] = (info.offset_data, info.size)
+    return list(samples.items())
+
+
+def read_member(path: str | Path, offset: int, size: int) -> bytes:
+    """The bytes of one member of a local shard, at the place `index_local_shard` gave."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

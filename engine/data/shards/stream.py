@@ -40,11 +40,15 @@ import torch.distributed as dist
 import torch.utils.data
 from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
 
 from engine.config import DataConfig, MaskConfig
 from engine.data.batch import Batch, MultiCropCollate, Sample, SampleKey, sample_seed
+from engine.data.gpu_aug import GpuMultiCrop, decode_batch, draw_view_params
 from engine.data.masking import generate_masks, masked_token_indices, seeded_rng
 from engine.data.shards.resolve import IMAGE_KEYS, ShardSet, assign_shards, check_local_shards, key_hash, resolve_shards
+from engine.data.transforms import MultiCropTransform
+from engine.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +171,6 @@ class RawBatch:
     params: Tensor  # [V, B, NUM_PARAMS] float32, view-major
     masks: Tensor
     mask_indices: Tensor
-    mask_weights: Tensor
     labels: Tensor
     indices: Tensor
     num_skipped: int = 0
@@ -175,7 +178,7 @@ class RawBatch:
     def pin_memory(self) -> RawBatch:
         pin = Tensor.pin_memory
         return RawBatch([pin(t) for t in self.images], self.decoded, pin(self.params), pin(self.masks),
-                        pin(self.mask_indices), pin(self.mask_weights), pin(self.labels), pin(self.indices),
+                        pin(self.mask_indices), pin(self.labels), pin(self.indices),
                         self.num_skipped)
 
 
@@ -315,12 +318,8 @@ class ShardStream:
         self.collate = MultiCropCollate(mask_cfg, num_global=data_cfg.num_global, local_size=data_cfg.local_size,
                                         grid=grid, seed=seed, rank=rank)
         if self.gpu:
-            from engine.data.gpu_aug import GpuMultiCrop
-
             self.gpu_crop = GpuMultiCrop(data_cfg)
         else:
-            from engine.data.transforms import MultiCropTransform
-
             self.transform = MultiCropTransform(data_cfg)
         self.epoch = 0
         self.batch = 0
@@ -353,10 +352,6 @@ class ShardStream:
                     image = opened.convert("RGB")
                 crops = self.transform(image, seed=seed)
                 return Sample(crops, _label(sample), h, 0, SampleKey(epoch, 0, h))
-            from torchvision.io import ImageReadMode, decode_image
-
-            from engine.data.gpu_aug import draw_view_params
-
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             if self.cfg.decode == "cpu":
                 image = decode_image(encoded, mode=ImageReadMode.RGB)
@@ -384,13 +379,13 @@ class ShardStream:
             return batch
         masks = generate_masks(self.mask_cfg, self.grid, seed=self.seed, epoch=epoch, batch=batch_index,
                                rank=self.rank, indices=[it[3] for it in items], num_views=self.cfg.num_global)
-        mask_indices, mask_weights = masked_token_indices(masks)
+        mask_indices, _ = masked_token_indices(masks)  # the loss weighs masked tokens itself (objective.py)
         images = [it[0] for it in items]
         return RawBatch(
             images=images,
             decoded=images[0].dim() == 3 and all(im.dim() == 3 for im in images),
             params=torch.stack([it[1] for it in items], dim=1),
-            masks=masks, mask_indices=mask_indices, mask_weights=mask_weights,
+            masks=masks, mask_indices=mask_indices,
             labels=torch.tensor([it[2] for it in items], dtype=torch.int64),
             indices=torch.tensor([it[3] for it in items], dtype=torch.int64),
             num_skipped=num_skipped,
@@ -408,8 +403,6 @@ class ShardStream:
 
     def finish_gpu_batch(self, raw: RawBatch) -> Batch:
         """Decode (if needed) and augment a `RawBatch` on the stream's device."""
-        from engine.data.gpu_aug import decode_batch
-
         device = self.device
         num_skipped = raw.num_skipped
         if raw.decoded:
@@ -428,7 +421,6 @@ class ShardStream:
             global_crops=global_crops, local_crops=local_crops,
             masks=raw.masks.to(device, non_blocking=True),
             mask_indices=raw.mask_indices.to(device, non_blocking=True),
-            mask_weights=raw.mask_weights.to(device, non_blocking=True),
             labels=raw.labels.to(device, non_blocking=True), indices=raw.indices.to(device, non_blocking=True),
             num_skipped=num_skipped,
         )
@@ -463,7 +455,10 @@ class ShardStream:
     def close(self) -> None:
         """Stop the dataloader workers now (they also stop when the stream is garbage-collected)."""
         batches, self._batches = self._batches, None
-        shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's multiprocessing iterator
+        # The DataLoader's multiprocessing iterator has no public way to stop its workers: it does so in `__del__`,
+        # which runs only once every reference (a generator frame, a traceback) is gone. The next epoch forks new
+        # workers right after this, so the old ones must be gone now, not at some later collection.
+        shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 
@@ -515,7 +510,7 @@ class ShardStream:
         """Position of the next batch to be yielded. With several ranks this gathers every rank's worker cursors
         (a collective: call it on all ranks, as the trainer does)."""
         cursors = [list(self.cursors)]
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if self.world_size > 1 and is_distributed():
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, list(self.cursors))
             cursors = gathered

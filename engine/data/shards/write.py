@@ -158,42 +158,8 @@ def write_shards(
          labelled)
         for p in range(workers)
     ]
-    ctx = multiprocessing.get_context("fork")  # workers only read, decode and write files
-    counter = ctx.Value("q", 0)
-    results = []
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        bar.start()
-        task_id = bar.add_task("", total=len(items))
-    try:
-        if workers == 1:
-            _init_writer(counter)
-            results = [_write_part(tasks[0])]
-        else:
-            with ctx.Pool(workers, initializer=_init_writer, initargs=(counter,)) as pool:
-                pending = pool.map_async(_write_part, tasks)
-                while not pending.ready():
-                    if bar is not None:
-                        bar.update(task_id, completed=counter.value)
-                    pending.wait(0.2)
-                results = pending.get()
-    finally:
-        if bar is not None:
-            bar.update(task_id, completed=counter.value)
-            bar.stop()
-        _init_writer(None)
-    shards, skipped = [], []
-    for result in sorted(results, key=lambda r: r["part"]):
-        skipped += result["skipped"]
-        for part_name in sorted(result["counts"]):
-            name = f"{prefix}-{len(shards):06d}.tar"
-            os.replace(out / part_name, out / name)
-            shards.append({"name": name, "count": result["counts"][part_name]})
-    for stray in out.glob(".part-*.tar"):  # a part ShardWriter opened but never wrote to
-        stray.unlink()
+    results = _run_writers(tasks, total=len(items), progress=progress)
+    shards, skipped = _rename_parts(results, out, prefix)
     for entry in skipped:
         logger.warning("shards: skipped unreadable source file %s (%s)", entry["path"], entry["error"])
     manifest = {
@@ -211,3 +177,50 @@ def write_shards(
     logger.info("shards: %d images in %d shards under %s, %d unreadable files skipped", manifest["total"],
                 len(shards), out, len(skipped))
     return manifest
+
+
+def _run_writers(tasks: list[Any], *, total: int, progress: bool) -> list[dict[str, Any]]:
+    """Run `_write_part` on every task (in this process for one task, else in a pool of one process per task),
+    with a progress bar over the `total` items when `progress`; the parts' results."""
+    ctx = multiprocessing.get_context("fork")  # workers only read, decode and write files
+    counter = ctx.Value("q", 0)
+    results = []
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        bar.start()
+        task_id = bar.add_task("", total=total)
+    try:
+        if len(tasks) == 1:
+            _init_writer(counter)
+            results = [_write_part(tasks[0])]
+        else:
+            with ctx.Pool(len(tasks), initializer=_init_writer, initargs=(counter,)) as pool:
+                pending = pool.map_async(_write_part, tasks)
+                while not pending.ready():
+                    if bar is not None:
+                        bar.update(task_id, completed=counter.value)
+                    pending.wait(0.2)
+                results = pending.get()
+    finally:
+        if bar is not None:
+            bar.update(task_id, completed=counter.value)
+            bar.stop()
+        _init_writer(None)
+    return results
+
+
+def _rename_parts(results: list[dict[str, Any]], out: Path, prefix: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Rename the parts' tar files to `<prefix>-NNNNNN.tar` in source order; (manifest shard entries, skipped)."""
+    shards, skipped = [], []
+    for result in sorted(results, key=lambda r: r["part"]):
+        skipped += result["skipped"]
+        for part_name in sorted(result["counts"]):
+            name = f"{prefix}-{len(shards):06d}.tar"
+            os.replace(out / part_name, out / name)
+            shards.append({"name": name, "count": result["counts"][part_name]})
+    for stray in out.glob(".part-*.tar"):  # a part ShardWriter opened but never wrote to
+        stray.unlink()
+    return shards, skipped
