@@ -3,18 +3,20 @@
     python -m benchmarks.peer_learning          # 300 steps each, report -> results/peer_learning_cpu<N>core_<yyyymm>.md
     python -m benchmarks.peer_learning --steps 60 --out /tmp/p.md
     python -m benchmarks.peer_learning --quick --out /tmp/p.md   # smoke: a few steps, no claim
+    python -m benchmarks.peer_learning --only lightly --swap data --stop-after 100 --knn-every 50 --out /tmp/b.md
+        # bisection: lightly's loop fed by our data stream and masks (--swap init: from our ViT's init)
 
 Data: `builtin:digits` (scikit-learn's 1,797 handwritten-digit scans, 64 x 64 RGB, 1,437 train / 360 val).
 k-NN protocol for both, at random init and after training: the teacher backbone's cls token after its final norm,
 L2-normalised, weighted k-NN (k = 20, T = 0.07) with the train split as memory and the val split as queries, images
-resized to 64 px (`engine.knn`).
+resized to 64 px (`engine.eval.knn`).
 
 * lightly: its iBOT example (lightly 1.6, `examples/pytorch/ibot.py`) changed only in size, as a user would run it on
   this data: timm ViT-tiny patch 8 at 64 px (LayerScale 1e-5, MAE init as the example's wrapper does), K = 1024,
   `IBOTTransform(global_crop_size=64, local_crop_size=32, n_local_views=4)` on a torchvision `ImageFolder`, batch 64,
   its own schedules over the run's steps (teacher temperature 0.04 -> 0.07 over 30/50 of them, weight decay
   0.04 -> 0.4, EMA 0.992 -> 1, AdamW at a constant 1e-3), its block masks.
-* ours: `ibot train --config launch/configs/digits.yaml` (the small-data recipe) for the same steps, the same
+* ours: `ibot train --config launch/configs/digits.yaml` (the 64 px small-data recipe) for the same steps, the same
   architecture, crop sizes, K and batch.
 
 The report records the machine, versions, command, both k-NN figures at init and after training, the wall time
@@ -42,9 +44,11 @@ from engine.checkpoint import read_checkpoint
 from engine.config import load_config
 from engine.data.digits import digits_folder
 from engine.data.folder import ImageFolderDataset
+from engine.data.stream import build_data_stream
 from engine.eval.features import extract_features, teacher_backbone
 from engine.eval.knn import weighted_knn
 from engine.health import HEALTH_KEYS, health_metrics
+from engine.model.ibot import IBOT
 from engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +175,22 @@ class _Encode(torch.nn.Module):
         return self.backbone.encode(images)
 
 
-def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50, knn_every: int = 0) -> dict[str, Any]:
+def _load_our_backbones(peer: LightlyExample, recipe_cfg: Any) -> None:
+    """Bisection: our ViT's initial weights (the recipe's init, drawn by our `IBOT`) in place of timm's / lightly's
+    in both of the peer's backbones (our keys are timm's but for `patch_embed.proj.*`); the heads stay lightly's."""
+    ours = IBOT(recipe_cfg.model, recipe_cfg.loss).state_dict()
+    for side, backbone in (("student", peer.student_backbone), ("teacher", peer.teacher_backbone)):
+        keys = backbone.vit.state_dict().keys()
+        backbone.vit.load_state_dict({k: ours[f"{side}.backbone.{k.replace('patch_embed.proj.', 'patch_embed.')}"]
+                                      for k in keys})
+    peer.student_backbone.mask_token.data.copy_(ours["student.backbone.mask_token"].reshape(1, 1, -1))
+
+
+def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50, knn_every: int = 0,
+                swap: frozenset[str] = frozenset(), stop_after: int | None = None) -> dict[str, Any]:
+    """lightly's example for `steps` steps (its schedules span them). For bisection, `swap` puts pieces of ours into
+    its loop: "data" feeds it our multi-crop stream and block masks (the recipe's), "init" starts its backbones
+    from our ViT's init; `stop_after` ends the run early (the schedules still span `steps`)."""
     import torchvision
     from lightly.loss import DINOLoss, IBOTPatchLoss
     from lightly.models.utils import random_block_mask
@@ -180,43 +199,58 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
     torch.manual_seed(seed)
     random.seed(seed)  # lightly's block masks draw from Python's random
     peer = LightlyExample(img_size=64, patch_size=8)
+    recipe = load_config(RECIPE, [f"data.num_workers={workers}"])
+    if "init" in swap:
+        _load_our_backbones(peer, recipe)
     init = knn_top1(_Encode(peer.teacher_backbone))
-    dataset = torchvision.datasets.ImageFolder(str(digits_folder("train")),
-                                               transform=IBOTTransform(global_crop_size=64, local_crop_size=32,
-                                                                       n_local_views=4))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True, num_workers=workers)
+    if "data" in swap:
+        stream = build_data_stream(recipe.data, recipe.mask, batch_size=64, patch_size=8, seed=seed,
+                                   device=torch.device("cpu"))
+    else:
+        dataset = torchvision.datasets.ImageFolder(str(digits_folder("train")),
+                                                   transform=IBOTTransform(global_crop_size=64, local_crop_size=32,
+                                                                           n_local_views=4))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True,
+                                             num_workers=workers)
+
+    def epoch() -> Any:
+        """One pass of (global views [2B], local views [4B], block masks [2B, 8, 8])."""
+        if "data" in swap:
+            return ((b.global_crops, b.local_crops, b.masks) for b in stream)
+        return ((torch.cat(views[:2]), torch.cat(views[2:]), random_block_mask(size=(2 * 64, 8, 8)))
+                for views, _ in loader)
+
     dino, ibot_patch = DINOLoss(output_dim=1024, teacher_temp=0.07), IBOTPatchLoss(output_dim=1024, teacher_temp=0.07)
     optimizer = torch.optim.AdamW(peer.parameters(), lr=0.001)  # the example's: every parameter, weight decay too
     warmup = int(30 / 50 * steps)  # the example: 30 of its 50 epochs
+    last = min(steps, stop_after or steps)
     peer.train()
     start, step, losses, curve = time.perf_counter(), 0, [], {0: init}
-    while step < steps:
-        for views, _ in loader:
-            global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
-            block_mask = random_block_mask(size=(global_views.shape[0], 8, 8))
+    while step < last:
+        for global_views, local_views, block_mask in epoch():
             out = lightly_example_step(peer, optimizer, dino, ibot_patch, global_views, local_views, block_mask,
                                        step=step, total_steps=steps, warmup_steps=warmup)
             step += 1
-            if step % log_every == 0 or step == steps:
+            if step % log_every == 0 or step == last:
                 losses.append({"step": step, "loss_cls": float(out["loss_cls"]),
                                "loss_patch": float(out["loss_patch"]),
                                **{k: out["health"][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}})
                 print(f"lightly step {step}/{steps}: {losses[-1]}", flush=True)
-            if knn_every and step % knn_every == 0 and step < steps:
+            if knn_every and step % knn_every == 0 and step < last:
                 curve[step] = knn_top1(_Encode(peer.teacher_backbone))
                 print(f"lightly step {step}/{steps}: k-NN top-1 {curve[step]:.1f}%", flush=True)
                 peer.train()
-            if step == steps:
+            if step == last:
                 break
     seconds = time.perf_counter() - start
-    curve[steps] = knn_top1(_Encode(peer.teacher_backbone))
-    return {"init": init, "final": curve[steps], "curve": curve, "seconds": seconds, "losses": losses,
+    curve[last] = knn_top1(_Encode(peer.teacher_backbone))
+    return {"init": init, "final": curve[last], "curve": curve, "seconds": seconds, "losses": losses,
             "health": {k: losses[-1][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}}
 
 
-def run_ours(steps: int, *, workers: int, run_dir: Path) -> dict[str, Any]:
+def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0) -> dict[str, Any]:
     cfg = load_config(RECIPE, [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
-                               "checkpoint.every=0", "checkpoint.resume=none"])
+                               "checkpoint.every=0", "checkpoint.resume=none", f"eval.knn_every={knn_every}"])
     init = knn_top1(teacher_backbone(cfg, None, torch.device("cpu")))
     # A stronger baseline than the init (whose LayerScale 1e-5 gives every image nearly the same feature): the same
     # ViT randomly initialised without LayerScale, i.e. random features.
@@ -241,8 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps: a smoke test, never a result")
     p.add_argument("--only", choices=["ours", "lightly"], help="run one side only")
     p.add_argument("--knn-every", type=int, default=100, help="k-NN of both runs every N steps (a learning curve)")
+    p.add_argument("--swap", action="append", choices=["data", "init"], default=[],
+                   help="bisection: run lightly's loop with our data stream and masks / our ViT init (repeatable)")
+    p.add_argument("--stop-after", type=int, help="bisection: end after N steps (the schedules still span --steps)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    bisecting = bool(args.swap or args.stop_after)
+    if bisecting and (args.only != "lightly" or args.out is None):
+        p.error("--swap / --stop-after are bisection runs: use them with --only lightly and an --out file")
     steps = 4 if args.quick else args.steps
     env = environment("cpu", "benchmarks.peer_learning")
     import lightly
@@ -252,10 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "ours"):
-            results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours")
+            results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours",
+                                      knn_every=args.knn_every)
         if args.only in (None, "lightly"):
-            results["lightly"] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every)
+            results["lightly"] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every,
+                                             swap=frozenset(args.swap), stop_after=args.stop_after)
     names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
+    if args.swap:
+        names["lightly"] += f" with our {' and '.join(sorted(args.swap))}"
+    if args.stop_after:
+        names["lightly"] += f", stopped after {args.stop_after} steps of its {steps}-step schedules"
     rows = [[names[k], f"{r['init']:.1f}%", f"{r['final']:.1f}%", f"{r['final'] - r['init']:+.1f}",
              f"{r['seconds'] / 60:.1f} min"] for k, r in results.items()]
     lines = [*report_header(f"Learning on digits, {steps} steps: ours vs lightly's iBOT example", env), "",

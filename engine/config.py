@@ -69,6 +69,8 @@ class ModelConfig:
     """Resolution the position embeddings are stored at; other sizes interpolate them (cached weights)."""
     drop_path: float = 0.1
     """Student stochastic depth at the last block, linear from 0 at the first (official: 0.1)."""
+    drop_path_uniform: bool = False
+    """Use the `drop_path` rate in every block instead of the linear ramp (DINOv2's option, lightly's example)."""
     layerscale: float = 0.0
     """LayerScale init value; 0 disables LayerScale (official iBOT has none; DINOv2 uses 1e-5)."""
     init: Literal["trunc_normal", "xavier"] = "trunc_normal"
@@ -76,6 +78,12 @@ class ModelConfig:
     lightly's iBOT uses; learns much faster in short runs from scratch)."""
     out_dim: int = 8192
     """K, the number of prototypes of the projection head."""
+    teacher_head: Literal["copy", "independent"] = "copy"
+    """How the teacher's head starts: copy: the student's (official iBOT, DINOv2); independent: its own draw of the
+    same init (lightly's example). The backbone is always copied. An independent head gives the student targets it
+    cannot match through the head alone at first, so the first steps train the backbone: in short runs from
+    scratch the copy makes the teacher's targets sharp within a few steps and the backbone learns less (README,
+    "Learning on real data")."""
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_layers: int = 3

@@ -73,12 +73,12 @@ def test_health_extremes_uniform_one_hot_identical_and_no_masked_token():
 
 def _healthy() -> dict[str, float]:
     return {"teacher_cls_entropy_frac": 0.6, "teacher_cls_batch_entropy_frac": 0.7, "student_cls_std": 0.05,
-            "teacher_cls_std": 0.05}
+            "teacher_cls_std": 0.05, "teacher_patch_entropy_frac": 0.8}
 
 
 def test_detector_fires_once_per_kind_after_patience_and_forgets_interrupted_streaks(caplog):
     detector = CollapseDetector(embed_dim=64, patience=3)
-    uniform = {**_healthy(), "teacher_cls_entropy_frac": 0.9995}
+    uniform = {**_healthy(), "teacher_cls_entropy_frac": 0.9995, "teacher_patch_entropy_frac": 0.9999}
     with caplog.at_level(logging.WARNING, logger="engine.health"):
         assert detector.update(10, uniform) == [] and detector.update(20, uniform) == []
         assert detector.update(30, _healthy()) == []  # the streak is broken
@@ -99,8 +99,27 @@ def test_detector_fires_once_per_kind_after_patience_and_forgets_interrupted_str
     assert all(detector.update(step, near_uniform) == [] for step in range(10))
 
 
+def test_uniform_cls_targets_alone_are_a_note_not_a_collapse(caplog):
+    """cls targets near uniform while the patch targets carry information (lightly's example learns so at 64 px):
+    one note; with the patch term off, or no masked token (NaN), or uniform patch targets too, a collapse."""
+    cls_only = {**_healthy(), "teacher_cls_entropy_frac": 0.9999, "teacher_patch_entropy_frac": 0.9}
+    detector = CollapseDetector(embed_dim=64, patience=2)
+    with caplog.at_level(logging.INFO, logger="engine.health"):
+        assert all(detector.update(step, cls_only) == [] for step in range(6))
+    notes = [r.getMessage() for r in caplog.records if "note at step 1" in r.getMessage()]
+    assert len(notes) == 1 and "teacher_patch_entropy_frac=0.9000" in notes[0] and detector.fired == []
+    assert not any("training collapse" in r.getMessage() for r in caplog.records)
+    no_patch_term = CollapseDetector(embed_dim=64, patience=2, patch_term=False)
+    assert no_patch_term.update(0, cls_only) == [] and "[uniform]" in no_patch_term.update(1, cls_only)[0]
+    for patch in (math.nan, 0.9995):
+        detector = CollapseDetector(embed_dim=64, patience=2)
+        both = {**cls_only, "teacher_patch_entropy_frac": patch}
+        assert detector.update(0, both) == [] and "[uniform]" in detector.update(1, both)[0]
+
+
 def test_detector_does_not_watch_the_starting_point():
-    uniform = {**_healthy(), "teacher_cls_entropy_frac": 0.9999}  # e.g. LayerScale 1e-5: one output for all images
+    uniform = {**_healthy(), "teacher_cls_entropy_frac": 0.9999,  # e.g. LayerScale 1e-5: one output for all images
+               "teacher_patch_entropy_frac": 0.9999}
     detector = CollapseDetector(embed_dim=64, patience=2, start_step=30)
     assert [detector.update(step, uniform) for step in (10, 20, 30)] == [[], [], []]  # the streak starts at 30
     assert "step 40" in detector.update(40, uniform)[0]
@@ -115,12 +134,15 @@ def test_detector_with_stop_raises_naming_the_metric():
 
 
 def _constant_teacher(monkeypatch):
-    """Force a collapse: the teacher's head gives every image the same logits and its backbone the same token."""
+    """Force a collapse: the teacher's head gives every image and patch the same logits and its backbone the same
+    token."""
     real = ibot_module.IBOT.teacher_forward
 
     def constant(self, global_crops, mask_indices):
         out = real(self, global_crops, mask_indices)
-        return out._replace(cls_logits=torch.zeros_like(out.cls_logits), cls_tokens=torch.ones_like(out.cls_tokens))
+        return out._replace(cls_logits=torch.zeros_like(out.cls_logits),
+                            patch_logits=torch.zeros_like(out.patch_logits), patch_sum=torch.zeros_like(out.patch_sum),
+                            cls_tokens=torch.ones_like(out.cls_tokens))
 
     monkeypatch.setattr(ibot_module.IBOT, "teacher_forward", constant)
 

@@ -18,10 +18,11 @@ Remaining intentional differences, each set equal in this test:
                          from weight decay; the example decays every parameter. The peer's AdamW gets our groups.
     schedule formulas    lightly's cosine_schedule divides by (total - 1) and ends one step early; ours is the
                          official iBOT cosine (divides by total). Both sides get lightly's weight decay and momentum.
-    drop path            0 on both: the random draws come from different streams (and lightly's "uniform" rate
-                         vs our linear-over-depth rate are both recipe choices).
-    teacher head init    the example draws the teacher head separately (frozen gain); ours copies the student
-                         (as the official iBOT does): the copied weights make them equal here.
+    drop path            0 on both: the random draws come from different streams (lightly's uniform rate is
+                         `model.drop_path_uniform=true`, our default the official linear-over-depth rate).
+    teacher head init    the example draws the teacher head separately (`model.teacher_head=independent`; default
+                         `copy`, the official iBOT); its head's frozen gain is 1, ours starts at 1 too. The
+                         weights copied from the peer make them equal here.
     masks                ours (the official block masking) for both; the example's own `random_block_mask` draws
                          another distribution, on the GPU.
     AdamW kernel         ours is torch's fused AdamW; the example's the for-each one: rounding only.

@@ -51,6 +51,7 @@ class IBOTNetwork(nn.Module):
             patch_size=cfg.patch_size,
             img_size=cfg.img_size,
             drop_path=cfg.drop_path if student else 0.0,
+            drop_path_uniform=cfg.drop_path_uniform,
             layerscale=cfg.layerscale,
             mask_token=student,
             attention=cfg.attention,
@@ -103,7 +104,12 @@ class IBOT(nn.Module):
         super().__init__()
         self.student = IBOTNetwork(model_cfg, student=True)
         self.teacher = IBOTNetwork(model_cfg, student=False)
-        self.teacher.load_state_dict(self.student.state_dict(), strict=False)  # teacher starts as the student
+        # The teacher starts as the student (official iBOT, DINOv2), or with its own head: the one its constructor
+        # drew from the same init (lightly's example). See ModelConfig.teacher_head.
+        start = self.student.state_dict()
+        if model_cfg.teacher_head == "independent":
+            start = {k: v for k, v in start.items() if not k.startswith("head.")}
+        self.teacher.load_state_dict(start, strict=False)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.patch_center_rule = loss_cfg.patch_center

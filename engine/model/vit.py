@@ -198,6 +198,7 @@ class VisionTransformer(nn.Module):
         patch_size: int = 16,
         img_size: int = 224,
         drop_path: float = 0.0,
+        drop_path_uniform: bool = False,
         layerscale: float = 0.0,
         mask_token: bool = False,
         attention: str = "sdpa",
@@ -217,8 +218,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid[0] * self.base_grid[1], a.embed_dim))
         # Student only (the teacher never sees masked crops): zero-initialised as in the official `masked_embed`.
         self.mask_token = nn.Parameter(torch.zeros(1, a.embed_dim)) if mask_token else None
-        # Linear stochastic-depth schedule over depth (on the CPU, so the model can be built on the meta device).
-        rates = torch.linspace(0, drop_path, a.depth, device="cpu").tolist()
+        # Stochastic depth: linear over depth from 0 (official iBOT / DINO), or the same rate in every block
+        # (DINOv2's drop_path_uniform, lightly's example). linspace on the CPU: the model can be built on meta.
+        rates = ([drop_path] * a.depth if drop_path_uniform
+                 else torch.linspace(0, drop_path, a.depth, device="cpu").tolist())
         self.attention = attention
         self.blocks = nn.ModuleList(
             Block(a.embed_dim, a.num_heads, a.mlp_ratio, r, layerscale, attention=attention,

@@ -57,7 +57,8 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     knn = KnnEvaluator(cfg) if cfg.eval.knn_every else None
     # Watched from 10% of the run on: at initialisation every image gets nearly the same teacher output.
     detector = CollapseDetector(t.model.student.backbone.embed_dim, cfg.train.on_collapse,
-                                start_step=t.total_steps // 10)
+                                start_step=t.total_steps // 10,
+                                patch_term=cfg.loss.lambda_patch > 0 and cfg.mask.probability > 0)
     ema_pairs = t.model.ema_pairs()
     params = [p for p in t.model.student.parameters() if p.requires_grad]
     nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,34 @@ def test_head_last_layer_starts_like_the_official_head():
     assert float(v.abs().max()) <= 1 / 16 and float(v.std()) == pytest.approx(1 / 16 / 3**0.5, rel=0.02)
     assert head.last_layer.weight_g.eq(1).all()
     assert float(head.mlp[0].weight.std()) == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_drop_path_rates_over_depth(uniform):
+    """Linear from 0 at the first block to `drop_path` at the last (official), or `drop_path` everywhere."""
+    model = IBOT(ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, out_dim=64, head_hidden_dim=32,
+                             head_bottleneck_dim=16, drop_path=0.2, drop_path_uniform=uniform), LossConfig())
+    rates = [b.drop_path for b in model.student.backbone.blocks]
+    expected = [0.2] * 12 if uniform else [0.2 * i / 11 for i in range(12)]
+    assert rates == pytest.approx(expected)
+    assert all(b.drop_path == 0 for b in model.teacher.backbone.blocks)
+
+
+def test_independent_teacher_head_copies_only_the_backbone():
+    """model.teacher_head=independent: same backbone, a head of the same init family drawn separately; the student
+    (and so the RNG stream the student's init consumed) is the same as with the default copy."""
+    torch.manual_seed(0)
+    copied = IBOT(TINY, LossConfig())
+    torch.manual_seed(0)
+    own = IBOT(dataclasses.replace(TINY, teacher_head="independent"), LossConfig())
+    for (name, a), b in zip(own.student.state_dict().items(), copied.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for name, t in own.teacher.state_dict().items():
+        s = own.student.state_dict()[name]
+        if name.startswith("backbone."):
+            assert torch.equal(t, s), name
+        elif name.endswith("weight_g") or name.endswith("bias"):
+            assert torch.equal(t, s), name  # gains start at 1, biases at 0 in both heads
+        else:
+            assert not torch.equal(t, s), name
+            assert float(t.std()) == pytest.approx(float(s.std()), rel=0.1), name  # the same init distribution
