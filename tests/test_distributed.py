@@ -278,6 +278,9 @@ def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
                 p.grad = gr
         torch.save({"cls_center": cls_center, "patch_center": patch_center, "sinkhorn": sinkhorn,
                     "clipped": clipped}, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: one CI run aborted at exit ("terminate called without an
+        # active exception") when a rank destroyed the group while the other was still in FSDP's last collective.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
