@@ -36,7 +36,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, device_name, device_slug, git_sha, markdown_table
 from engine.config import DataConfig, MaskConfig
 from engine.data.shards.resolve import MANIFEST
-from engine.data.shards.stream import build_shard_stream
+from engine.data.stream import build_data_stream
 
 VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (the project's goal)
 
@@ -57,8 +57,8 @@ def measure(shards: str, path: str, workers: int, args: argparse.Namespace, devi
         global_size=args.global_size, local_size=args.local_size, num_local=args.num_local, num_workers=workers,
         augment=path, decode=args.decode,
     )
-    stream = build_shard_stream(cfg, MaskConfig(), batch_size=args.batch_size, patch_size=args.patch_size, seed=0,
-                                device=device)
+    stream = build_data_stream(cfg, MaskConfig(), batch_size=args.batch_size, patch_size=args.patch_size, seed=0,
+                               device=device)
     batches = iter(stream)
 
     def one() -> None:

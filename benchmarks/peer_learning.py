@@ -248,9 +248,10 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
             "health": {k: losses[-1][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}}
 
 
-def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0) -> dict[str, Any]:
+def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0, seed: int = 0) -> dict[str, Any]:
     cfg = load_config(RECIPE, [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
-                               "checkpoint.every=0", "checkpoint.resume=none", f"eval.knn_every={knn_every}"])
+                               "checkpoint.every=0", "checkpoint.resume=none", f"eval.knn_every={knn_every}",
+                               f"train.seed={seed}"])
     init = knn_top1(teacher_backbone(cfg, None, torch.device("cpu")))
     # A stronger baseline than the init (whose LayerScale 1e-5 gives every image nearly the same feature): the same
     # ViT randomly initialised without LayerScale, i.e. random features.
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--swap", action="append", choices=["data", "init"], default=[],
                    help="bisection: run lightly's loop with our data stream and masks / our ViT init (repeatable)")
     p.add_argument("--stop-after", type=int, help="bisection: end after N steps (the schedules still span --steps)")
+    p.add_argument("--seed", type=int, default=0, help="both runs' seed (init, data order, views, masks)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     bisecting = bool(args.swap or args.stop_after)
@@ -288,15 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     import lightly
     import timm
 
-    env.update({"lightly": lightly.__version__, "timm": timm.__version__, "threads": str(torch.get_num_threads())})
+    env.update({"lightly": lightly.__version__, "timm": timm.__version__, "threads": str(torch.get_num_threads()),
+                "seed": str(args.seed)})
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "ours"):
             results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours",
-                                      knn_every=args.knn_every)
+                                      knn_every=args.knn_every, seed=args.seed)
         if args.only in (None, "lightly"):
             results["lightly"] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every,
-                                             swap=frozenset(args.swap), stop_after=args.stop_after)
+                                             swap=frozenset(args.swap), stop_after=args.stop_after, seed=args.seed)
     names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
     if args.swap:
         names["lightly"] += f" with our {' and '.join(sorted(args.swap))}"

@@ -129,10 +129,12 @@ class DataConfig:
     epoch_samples: int = 0
     """Samples per epoch; 0: the manifest's total (needed when the shards have no manifest)."""
     augment: Literal["cpu", "gpu"] = "cpu"
-    """Shards only. cpu: PIL + torchvision.transforms.v2 in the workers; gpu: batched crops and colour ops on the
-    training device (engine/data/gpu_aug.py), workers only read and check the images."""
+    """cpu: PIL + torchvision.transforms.v2 in the workers; gpu: batched crops and colour ops on the training device
+    (engine/data/augment.py), the workers only read the images and draw the views' parameters. Both serve image
+    folders, built-in data and shards."""
     decode: Literal["gpu", "cpu"] = "gpu"
-    """With augment=gpu: gpu decodes the JPEG bytes on the device (nvJPEG); cpu decodes to uint8 in the workers."""
+    """Shards with augment=gpu: gpu decodes the JPEG bytes on the device (nvJPEG); cpu decodes to uint8 in the
+    workers. Image folders and built-in data are always decoded in the workers."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -181,6 +183,9 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
+    decay_all: bool = False
+    """Weight-decay every parameter (lightly's example); false: the official grouping, biases and 1-D parameters
+    (norms, LayerScale) undecayed."""
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0
     """Gradient clipping threshold; 0 disables clipping."""
@@ -395,9 +400,6 @@ def _check(cfg: Config) -> None:
     positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
     positive("data.shuffle_buffer", cfg.data.shuffle_buffer, allow_zero=True)
     positive("data.epoch_samples", cfg.data.epoch_samples, allow_zero=True)
-    if cfg.data.augment == "gpu" and not cfg.data.shards.strip():
-        raise ConfigError("config key 'data.augment' = gpu needs WebDataset shards (data.shards); image folders and "
-                          "built-in data use data.augment=cpu")
     for key, (lo, hi) in (("data.global_scale", cfg.data.global_scale), ("data.local_scale", cfg.data.local_scale)):
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1, got {(lo, hi)}")

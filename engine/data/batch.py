@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class SampleKey(NamedTuple):
 class Sample(NamedTuple):
     """One image's views and bookkeeping, as a worker hands it to the collate."""
 
-    crops: list[Tensor]  # G global then L local views
+    views: Any  # G global then L local crops [3, H, W] (CPU augmenter), or what the GPU augmenter finishes
     label: int
     index: int  # the index actually loaded (differs from the key's after skipping unreadable files)
     num_skipped: int
@@ -91,16 +91,9 @@ class MultiCropCollate:
         self.seed = seed
         self.rank = rank
 
-    def __call__(self, samples: list[Sample]) -> Batch:
-        num_views = len(samples[0].crops)
+    def masks(self, samples: list[Sample]) -> tuple[Tensor, Tensor]:
+        """The global crops' masks [G*B, h, w] of the batch and their flat indices [M]; seeded by the samples' keys."""
         key = samples[0].key
-        # One stack straight into view-major order: stacking per view and concatenating copies twice, and
-        # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
-        global_crops = torch.stack([s.crops[v] for v in range(self.num_global) for s in samples])
-        if num_views > self.num_global:
-            local_crops = torch.stack([s.crops[v] for v in range(self.num_global, num_views) for s in samples])
-        else:
-            local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
         masks = generate_masks(
             self.mask_cfg,
             self.grid,
@@ -112,6 +105,18 @@ class MultiCropCollate:
             num_views=self.num_global,
         )
         mask_indices, _ = masked_token_indices(masks)  # the loss weighs masked tokens itself (objective.py)
+        return masks, mask_indices
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        num_views = len(samples[0].views)
+        # One stack straight into view-major order: stacking per view and concatenating copies twice, and
+        # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
+        global_crops = torch.stack([s.views[v] for v in range(self.num_global) for s in samples])
+        if num_views > self.num_global:
+            local_crops = torch.stack([s.views[v] for v in range(self.num_global, num_views) for s in samples])
+        else:
+            local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
+        masks, mask_indices = self.masks(samples)
         return Batch(
             global_crops=global_crops,
             local_crops=local_crops,

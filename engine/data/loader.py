@@ -1,8 +1,8 @@
-"""The training data stream of an image folder or a built-in dataset: dataset -> multi-crop views -> masking
-collate -> `Batch` (batch.py), forever, resumable.
+"""The training data stream of an image folder or a built-in dataset: epoch sampler -> dataset -> the augmenter's
+views and masking collate (augment.py) -> `Batch` (batch.py), forever, resumable.
 
-`DataStream` is an endless iterable of `Batch` over epochs (`engine.data.stream.build_data_stream` builds it, or
-the WebDataset stream for `data.shards`).
+`DataStream` is the folder / built-in source of the `BatchStream` contract (contract.py); `build_data_stream`
+(stream.py) builds it, or the WebDataset source for `data.shards`.
 
 Order and seeding, all pure functions of the run seed so that a resumed run is bit-identical on CPU:
 * Epoch e uses a permutation of the dataset seeded by (seed, e). Global batch b of the epoch is
@@ -21,18 +21,20 @@ Shapes: as in batch.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.utils.data
+from PIL import Image
 
 from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch, MultiCropCollate, Sample, SampleKey, sample_seed
+from engine.data.batch import Batch, Sample, SampleKey, sample_seed
+from engine.data.contract import StreamBase, StreamPlace
 from engine.data.folder import ImageFolderDataset
 from engine.data.masking import seeded_rng
 from engine.data.synthetic import builtin_dataset
-from engine.data.transforms import MultiCropTransform
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +88,11 @@ class EpochBatchSampler:
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Maps a `SampleKey` to the multi-crop views of that image (runs in the dataloader workers)."""
+    """Maps a `SampleKey` to that image's views, `views(image, seed)` (runs in the dataloader workers)."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, transform: MultiCropTransform, seed: int) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, views: Callable[[Image.Image, int], Any], seed: int) -> None:
         self.dataset = dataset
-        self.transform = transform
+        self.views = views
         self.seed = seed
 
     def __getitem__(self, key: SampleKey) -> Sample:  # type: ignore[override]
@@ -99,9 +101,9 @@ class MultiCropDataset(torch.utils.data.Dataset):
         else:
             image, label = self.dataset[key.index]
             num_skipped = 0
-        crops = self.transform(image, seed=sample_seed(self.seed, key.epoch, key.index))
+        views = self.views(image, sample_seed(self.seed, key.epoch, key.index))
         index = (key.index + num_skipped) % len(self.dataset)  # type: ignore[arg-type]
-        return Sample(crops, label, index, num_skipped, key)
+        return Sample(views, label, index, num_skipped, key)
 
 
 def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
@@ -113,8 +115,9 @@ def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
     return ImageFolderDataset(data_cfg.path)
 
 
-class DataStream:
-    """Endless iterable of `Batch` for one rank, resumable at batch granularity.
+class DataStream(StreamBase):
+    """Endless iterable of `Batch` for one rank of an image folder or built-in data, resumable at batch granularity
+    (a `BatchStream`, contract.py).
 
     Attributes:
         dataset: the image source (with `.classes` when labelled).
@@ -123,59 +126,27 @@ class DataStream:
         epoch, batch: position of the next batch to be yielded (what `state_dict()` returns).
     """
 
-    def __init__(
-        self,
-        dataset: torch.utils.data.Dataset,
-        data_cfg: DataConfig,
-        mask_cfg: MaskConfig,
-        *,
-        batch_size: int,
-        patch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | None = None,
-    ) -> None:
-        if seed < 0:
-            raise ValueError(f"train.seed must be >= 0 for the data stream, got {seed}")
-        assert 0 <= rank < world_size
+    def __init__(self, dataset: torch.utils.data.Dataset, data_cfg: DataConfig, mask_cfg: MaskConfig,
+                 place: StreamPlace) -> None:
+        super().__init__(data_cfg, mask_cfg, place)
         self.dataset = dataset
         self.num_samples = len(dataset)  # type: ignore[arg-type]
-        global_batch = batch_size * world_size
+        global_batch = place.batch_size * place.world_size
         if self.num_samples < global_batch:
             raise ValueError(
                 f"data.path {data_cfg.path!r} has {self.num_samples} images, fewer than one global batch of "
-                f"{global_batch} (train.batch_size {batch_size} x world size {world_size}); lower train.batch_size"
+                f"{global_batch} (train.batch_size {place.batch_size} x world size {place.world_size}); lower "
+                "train.batch_size"
             )
         self.steps_per_epoch = self.num_samples // global_batch
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = data_cfg.num_workers
-        if device is None:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.pin_memory = device.type == "cuda"
-        self.samples = MultiCropDataset(dataset, MultiCropTransform(data_cfg), seed)
-        grid = (data_cfg.global_size // patch_size, data_cfg.global_size // patch_size)
-        self.collate = MultiCropCollate(
-            mask_cfg, num_global=data_cfg.num_global, local_size=data_cfg.local_size, grid=grid, seed=seed, rank=rank
-        )
-        self.epoch = 0
-        self.batch = 0
-        self._batches: Iterator[Batch] | None = None
+        self.samples = MultiCropDataset(dataset, self.augmenter.from_image, place.seed)
         logger.info(
-            "data: %d images from %s, %d steps per epoch of %d x %d images, %d workers, %s masks",
-            self.num_samples,
-            data_cfg.path,
-            self.steps_per_epoch,
-            batch_size,
-            world_size,
-            self.num_workers,
-            mask_cfg.variant,
+            "data: %d images from %s, %d steps per epoch of %d x %d images, %d workers, %s masks, augment on %s",
+            self.num_samples, data_cfg.path, self.steps_per_epoch, place.batch_size, place.world_size,
+            self.num_workers, mask_cfg.variant, "the device" if self.augmenter.on_device else "the CPU workers",
         )
 
-    def _start(self) -> Iterator[Batch]:
+    def _start(self) -> Iterator[Any]:
         sampler = EpochBatchSampler(
             self.num_samples,
             self.batch_size,
@@ -188,7 +159,7 @@ class DataStream:
         loader = torch.utils.data.DataLoader(
             self.samples,
             batch_sampler=sampler,
-            collate_fn=self.collate,
+            collate_fn=self.augmenter.collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             # Creating an iterator draws a base seed from this generator; the default (the global RNG)
@@ -197,15 +168,15 @@ class DataStream:
         )
         return iter(loader)
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            if self._batches is None:
-                self._batches = self._start()
-            batch = next(self._batches)
-            self.batch += 1
-            if self.batch == self.steps_per_epoch:
-                self.epoch, self.batch = self.epoch + 1, 0
-            yield batch
+    def _next_raw(self) -> tuple[Any, None]:
+        if self._batches is None:
+            self._batches = self._start()
+        return next(self._batches), None
+
+    def _advance(self, batch: Batch, token: None) -> None:
+        self.batch += 1
+        if self.batch == self.steps_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
         """Position of the next batch to be yielded (prefetched batches do not count)."""
@@ -219,4 +190,4 @@ class DataStream:
                 "this dataset and batch size"
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self._batches = None  # the old iterator (and its workers and prefetched batches) is dropped
+        self.close()  # the old iterator (and its workers and prefetched batches) is dropped

@@ -14,13 +14,15 @@ from engine.accel import apex_usable, fused_adam
 from engine.config import OptimConfig
 
 
-def param_groups(model: nn.Module) -> list[dict]:
+def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
+    """Decay / no-decay groups, each split by whether it is the head's last layer (which can be frozen early).
+    `decay_all` puts every parameter in the decayed groups, as lightly's example does."""
     decay, no_decay, last_decay, last_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_last = "last_layer" in name
-        if name.endswith(".bias") or p.ndim <= 1:
+        if not decay_all and (name.endswith(".bias") or p.ndim <= 1):
             (last_no_decay if is_last else no_decay).append(p)
         else:
             (last_decay if is_last else decay).append(p)
@@ -35,10 +37,10 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     if cfg.impl == "apex" and apex_usable("optim.impl", device):
-        return fused_adam(param_groups(model), cfg.betas)  # NVIDIA apex FusedAdam, AdamW mode
+        return fused_adam(param_groups(model, cfg.decay_all), cfg.betas)  # NVIDIA apex FusedAdam, AdamW mode
     # fused AdamW: one kernel for all parameters on CUDA (and a vectorised CPU kernel); foreach elsewhere.
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups(model), lr=0.0, betas=cfg.betas, weight_decay=0.0, fused=fused)
+    return torch.optim.AdamW(param_groups(model, cfg.decay_all), lr=0.0, betas=cfg.betas, weight_decay=0.0, fused=fused)
 
 
 def last_layer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:

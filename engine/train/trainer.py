@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from engine.checkpoint import Checkpointer, ShardedCheckpointer
 from engine.config import Config
+from engine.data.contract import BatchStream
 from engine.data.stream import build_data_stream
 from engine.distributed import DistEnv
 from engine.model.attention import check_attention
@@ -29,7 +29,7 @@ class Trainer:
     student: nn.Module  # model.student (sharded in place under FSDP2), or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    data: Any  # engine.data.loader.DataStream or engine.data.shards.stream.ShardStream
+    data: BatchStream  # engine/data/contract.py: an image folder / built-in data or WebDataset shards
     checkpointer: Checkpointer
     total_steps: int
     step: int = 0  # its checkpoint state: engine/train/state.py

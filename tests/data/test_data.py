@@ -13,6 +13,7 @@ from PIL import Image
 
 from engine.config import DataConfig, MaskConfig
 from engine.data.batch import Batch
+from engine.data.contract import BatchStream, StreamPlace
 from engine.data.folder import ImageFolderDataset
 from engine.data.loader import DataStream, EpochBatchSampler, build_dataset
 from engine.data.masking import generate_masks
@@ -51,7 +52,7 @@ class IndexImages(torch.utils.data.Dataset):
 def _stream(n: int = 13, *, batch_size: int = 4, **kwargs: object) -> DataStream:
     data_cfg = kwargs.pop("data_cfg", None) or _data_cfg()
     mask_cfg = kwargs.pop("mask_cfg", None) or MaskConfig()
-    return DataStream(IndexImages(n), data_cfg, mask_cfg, batch_size=batch_size, patch_size=PATCH, seed=5, **kwargs)
+    return DataStream(IndexImages(n), data_cfg, mask_cfg, StreamPlace(batch_size, PATCH, 5, **kwargs))
 
 
 def _take(stream: DataStream, count: int) -> list[Batch]:
@@ -250,7 +251,7 @@ def test_batch_is_view_major() -> None:
             return views + [torch.full((3, LOCAL, LOCAL), 100.0 * index + 50 + v) for v in range(3)]
 
     stream = _stream(13, batch_size=4, data_cfg=_data_cfg(num_local=3))
-    stream.samples.transform = TagTransform()
+    stream.samples.views = TagTransform()
     batch = next(iter(stream))
     indices = batch.indices
     assert batch.batch_size == 4
@@ -346,3 +347,26 @@ def test_build_dataset_dispatch(tmp_path: Path) -> None:
     assert isinstance(build_dataset(_data_cfg(str(tmp_path))), ImageFolderDataset)
     with pytest.raises(ValueError, match="missing"):
         build_dataset(_data_cfg(str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_gpu_augmenter_serves_image_data_and_resumes(num_workers: int) -> None:
+    """data.augment=gpu without shards: the workers keep uint8 pixels and draw the views' parameters, the stream
+    crops on its device (CPU tensors here) one batch ahead. Same samples, labels and masks as the CPU augmenter,
+    the crops of the GPU recipe, and the same resume positions."""
+    gpu_cfg = _data_cfg(augment="gpu", num_workers=num_workers)
+    stream = _stream(13, batch_size=4, data_cfg=gpu_cfg)
+    assert isinstance(stream, BatchStream) and stream.augmenter.on_device
+    cpu_batches, gpu_batches = _take(_stream(13, batch_size=4), 5), _take(stream, 5)
+    for cpu, gpu in zip(cpu_batches, gpu_batches, strict=True):
+        for name in ("masks", "mask_indices", "labels", "indices"):
+            assert torch.equal(getattr(cpu, name), getattr(gpu, name)), name
+        assert gpu.global_crops.shape == cpu.global_crops.shape and gpu.local_crops.shape == cpu.local_crops.shape
+        assert not torch.equal(gpu.global_crops, cpu.global_crops)  # another recipe implementation
+        assert torch.isfinite(gpu.global_crops).all() and torch.isfinite(gpu.local_crops).all()
+    state = stream.state_dict()
+    assert state == {"epoch": 1, "batch": 2}  # handed-over batches only, not the one finished ahead
+    resumed = _stream(13, batch_size=4, data_cfg=gpu_cfg)
+    resumed.load_state_dict({"epoch": 1, "batch": 0})
+    for batch, expected in zip(_take(resumed, 2), gpu_batches[3:], strict=True):
+        _assert_same(batch, expected)

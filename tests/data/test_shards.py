@@ -21,7 +21,7 @@ from engine.cli import main as cli_main
 from engine.config import DataConfig, MaskConfig
 from engine.data.batch import Batch
 from engine.data.shards.resolve import MANIFEST, assign_shards, key_hash, resolve_shards
-from engine.data.shards.stream import ShardStream, SkipCounter, build_shard_stream, shard_samples
+from engine.data.shards.stream import ShardStream, SkipCounter, shard_samples
 from engine.data.shards.write import write_shards
 from engine.data.stream import build_data_stream
 from tests.helpers import TINY_OVERRIDES, read_metrics
@@ -56,8 +56,8 @@ def _close_streams():
 
 def _stream(shards: str, *, batch_size: int = 3, rank: int = 0, world_size: int = 1, **overrides: object
             ) -> ShardStream:
-    stream = build_shard_stream(_cfg(shards, **overrides), MaskConfig(min_block_patches=2), batch_size=batch_size,
-                              patch_size=8, seed=7, rank=rank, world_size=world_size, device=CPU)
+    stream = build_data_stream(_cfg(shards, **overrides), MaskConfig(min_block_patches=2), batch_size=batch_size,
+                               patch_size=8, seed=7, rank=rank, world_size=world_size, device=CPU)
     _OPEN.append(stream)
     return stream
 
@@ -406,21 +406,13 @@ def test_ibot_train_from_shards_stop_and_resume_equals_uninterrupted_run(
 def test_gpu_path_stream_on_cuda(even_shards: Path) -> None:
     """augment=gpu on CUDA: batches arrive on the device, with the CPU path's shapes (GPU sessions)."""
     cfg = _cfg(str(even_shards), augment="gpu", num_workers=2)
-    stream = build_shard_stream(cfg, MaskConfig(min_block_patches=2), batch_size=4, patch_size=8, seed=7,
-                                device=torch.device("cuda"))
+    stream = build_data_stream(cfg, MaskConfig(min_block_patches=2), batch_size=4, patch_size=8, seed=7,
+                               device=torch.device("cuda"))
     batches = _epoch(stream)
     assert len(batches) == 12
     assert all(b.global_crops.is_cuda and b.masks.is_cuda for b in batches)
     torch.cuda.synchronize()
     assert sorted(int(i) for b in batches for i in b.indices.cpu()) == sorted(key_hash(f"{k:09d}") for k in range(48))
-
-
-def test_gpu_augment_needs_shards() -> None:
-    from engine.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=r"data\.augment"):
-        load_config(None, ["data.augment=gpu"])
-    assert load_config(None, ["data.augment=gpu", "data.shards=/x"]).data.augment == "gpu"
 
 
 def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:

@@ -22,6 +22,18 @@ def test_groups_follow_the_official_rule():
     assert by_group[(True, True)] == {"head.last_layer.weight_v", "head.last_layer.weight_g"}
 
 
+def test_decay_all_decays_every_trainable_parameter():
+    """optim.decay_all (lightly's example): one decayed group besides the last layer, biases and norms included."""
+    model = IBOT(ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, out_dim=16, head_hidden_dim=8,
+                             head_bottleneck_dim=4, layerscale=1e-5), LossConfig())
+    groups = param_groups(model.student, decay_all=True)
+    assert all(g["decay"] for g in groups)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.student.parameters() if p.requires_grad}
+    last = next(g for g in groups if g["last_layer"])
+    assert len(last["params"]) == 2  # weight_v, weight_g: still freezable on their own
+
+
 def official_per_param_clip(params, clip):
     """Port of bytedance/ibot utils.clip_gradients (per-tensor norm with a Python loop)."""
     norms = []

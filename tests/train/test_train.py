@@ -17,6 +17,7 @@ import torch
 import engine.train.loop as train_module
 import engine.train.step as step_module
 from engine.checkpoint import Checkpointer, load_checkpoint
+from engine.data.synthetic import builtin_dataset
 from engine.health import NonFiniteLossError
 from engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
@@ -51,9 +52,23 @@ class _StopAfter:
         return self.inner(*args, **kwargs)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_stop_and_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, workers):
-    extra = ("train.steps=8", "checkpoint.every=4", f"data.num_workers={workers}", "data.builtin_size=40")
+def _image_folder(root: Path, count: int) -> Path:
+    """`count` PNGs of the built-in shapes in class sub-folders: an image folder as a user has one."""
+    shapes = builtin_dataset("builtin:shapes", count, "train")
+    for index in range(count):
+        image, label = shapes[index]
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        image.save(root / f"class{label}" / f"{index:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("workers,source", [(0, "builtin"), (2, "builtin"), (2, "folder+gpu-augment")])
+def test_stop_and_resume_equals_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, workers, source):
+    """Also with the GPU augmenter on an image folder: its batched crops run on CPU tensors here."""
+    data = ("data.builtin_size=40",)
+    if source == "folder+gpu-augment":
+        data = (f"data.path={_image_folder(tmp_path / 'images', 40)}", "data.augment=gpu")
+    extra = ("train.steps=8", "checkpoint.every=4", f"data.num_workers={workers}", *data)
     train(_cfg(tmp_path / "a", *extra))
     with monkeypatch.context() as m:
         m.setattr(train_module, "train_step", _StopAfter(5))  # checkpoint at 4, killed during step 6

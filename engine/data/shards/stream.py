@@ -25,12 +25,10 @@ checked: a pattern matching nothing or shards that are all unreadable stop the r
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.data
-from PIL import Image
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch, MultiCropCollate, Sample, SampleKey, sample_seed
-from engine.data.gpu_aug import GpuMultiCrop, decode_batch, draw_view_params
-from engine.data.masking import generate_masks, masked_token_indices, seeded_rng
+from engine.data.batch import Batch, Sample, SampleKey, sample_seed
+from engine.data.contract import StreamBase, StreamPlace
+from engine.data.masking import seeded_rng
 from engine.data.shards.resolve import IMAGE_KEYS, ShardSet, assign_shards, check_local_shards, key_hash, resolve_shards
-from engine.data.transforms import MultiCropTransform
 from engine.distributed import is_distributed
 
 logger = logging.getLogger(__name__)
@@ -157,37 +151,13 @@ def _label(sample: dict[str, Any]) -> int:
         return -1
 
 
-def _looks_complete_jpeg(data: bytes) -> bool:
-    """Starts with SOI and has an EOI marker near the end (catches truncation before the GPU sees the bytes)."""
-    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
-
-
-@dataclass
-class RawBatch:
-    """A batch for the GPU path: images still to be decoded (or uint8), view parameters, masks, labels."""
-
-    images: list[Tensor]  # B 1-D uint8 encoded JPEGs, or [3, H, W] uint8 when decoded
-    decoded: bool
-    params: Tensor  # [V, B, NUM_PARAMS] float32, view-major
-    masks: Tensor
-    mask_indices: Tensor
-    labels: Tensor
-    indices: Tensor
-    num_skipped: int = 0
-
-    def pin_memory(self) -> RawBatch:
-        pin = Tensor.pin_memory
-        return RawBatch([pin(t) for t in self.images], self.decoded, pin(self.params), pin(self.masks),
-                        pin(self.mask_indices), pin(self.labels), pin(self.indices),
-                        self.num_skipped)
-
-
 class ShardSamples(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch; each dataloader worker reads its own shards (see the module docstring).
 
-    Yields `(batch, worker, cursor, skipped)`: `batch` a `Batch` (CPU path) or `RawBatch` (GPU path) with its
-    skip count, `cursor` the number of samples the worker had taken from its shuffle buffer when it finished that
-    batch; a last `(None, worker, cursor, skipped)` reports skips after the worker's last batch.
+    Yields `(batch, worker, cursor, skipped)`: `batch` what the augmenter's collate makes (a `Batch`, or a
+    `RawBatch` the device finishes) with its skip count, `cursor` the number of samples the worker had taken from
+    its shuffle buffer when it finished that batch; a last `(None, worker, cursor, skipped)` reports skips after
+    the worker's last batch.
     """
 
     def __init__(self, stream: ShardStream, epoch: int, start_batch: int, cursors: list[int]) -> None:
@@ -240,8 +210,9 @@ class ShardSamples(torch.utils.data.IterableDataset):
                 continue
             pending.append(item)
             if len(pending) == s.batch_size:
-                batch_index = self.start_batch + made * num_workers + worker
-                yield s.collate_items(pending, self.epoch, batch_index, skips.take()), worker, cursor, 0
+                key = SampleKey(self.epoch, self.start_batch + made * num_workers + worker, 0)
+                items = [it._replace(key=key._replace(index=it.index)) for it in pending]
+                yield s.augmenter.collate(items, skips.take()), worker, cursor, 0
                 pending = []
                 made += 1
                 if budget is not None and made == budget:
@@ -249,95 +220,66 @@ class ShardSamples(torch.utils.data.IterableDataset):
         yield None, worker, cursor, skips.take()  # skips after the last batch still get counted
 
 
-class ShardStream:
-    """Endless iterable of `Batch` for one rank from WebDataset shards; a drop-in for `loader.DataStream`.
+class ShardStream(StreamBase):
+    """Endless iterable of `Batch` for one rank from WebDataset shards: the shard source of the `BatchStream`
+    contract (contract.py).
 
     Attributes: num_samples (samples per epoch), steps_per_epoch, classes, epoch, batch (position of the next
     batch), state_dict() / load_state_dict().
     """
 
-    def __init__(
-        self,
-        shards: ShardSet,
-        data_cfg: DataConfig,
-        mask_cfg: MaskConfig,
-        *,
-        batch_size: int,
-        patch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | None = None,
-    ) -> None:
-        if seed < 0:
-            raise ValueError(f"train.seed must be >= 0 for the data stream, got {seed}")
+    def __init__(self, shards: ShardSet, data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace) -> None:
+        super().__init__(data_cfg, mask_cfg, place)
         self.shards = shards
-        self.cfg = data_cfg
         self.mode = data_cfg.shard_mode
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = data_cfg.num_workers
         self.shuffle_buffer = data_cfg.shuffle_buffer
         self.classes = shards.classes
-        self.device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.pin_memory = self.device.type == "cuda"
-        self.gpu = data_cfg.augment == "gpu"
-        slots = world_size * max(self.num_workers, 1)
-        global_batch = batch_size * world_size
-        if self.mode == "exact" and shards.counts is not None:
-            self.slots = assign_shards(shards.counts, slots)
-            per_rank = [
-                sum(sum(shards.counts[i] for i in self.slots[r * max(self.num_workers, 1) + w]) // batch_size
-                    for w in range(max(self.num_workers, 1)))
-                for r in range(world_size)
-            ]
-            self.steps_per_epoch = min(per_rank)
-            self.num_samples = data_cfg.epoch_samples or int(shards.total or 0)
-            if self.steps_per_epoch == 0:
-                raise ValueError(
-                    f"data.shards {shards.spec!r}: {len(shards.urls)} shards of {shards.total} samples give some rank "
-                    f"no full batch of {batch_size} with {world_size} ranks x {max(self.num_workers, 1)} workers; "
-                    "use more (smaller) shards, fewer workers or a smaller train.batch_size"
-                )
-        else:
-            total = data_cfg.epoch_samples or shards.total
-            if not total:
-                raise ValueError(
-                    f"data.shards {shards.spec!r} has no manifest giving the number of samples; set data.epoch_samples"
-                )
-            self.slots = [list(range(s, len(shards.urls), slots)) for s in range(slots)]
-            self.num_samples = int(total)
-            self.steps_per_epoch = self.num_samples // global_batch
-            if self.steps_per_epoch == 0:
-                raise ValueError(f"data.epoch_samples {total} is less than one global batch of {global_batch}")
-        grid = (data_cfg.global_size // patch_size, data_cfg.global_size // patch_size)
-        self.mask_cfg = mask_cfg
-        self.grid = grid
-        self.collate = MultiCropCollate(mask_cfg, num_global=data_cfg.num_global, local_size=data_cfg.local_size,
-                                        grid=grid, seed=seed, rank=rank)
-        if self.gpu:
-            self.gpu_crop = GpuMultiCrop(data_cfg)
-        else:
-            self.transform = MultiCropTransform(data_cfg)
-        self.epoch = 0
-        self.batch = 0
+        self.slots, self.steps_per_epoch, self.num_samples = self._deal(shards, data_cfg)
         self.cursors = [0] * max(self.num_workers, 1)
         self.skipped_total = 0
-        self._batches: Iterator[tuple[Any, int, int, int]] | None = None
         self._carried_skips = 0  # reported by workers after their last batch; added to the next batch
         self.skipped_by_epoch: dict[int, int] = {}  # skips this rank's workers reported, by epoch
         logger.info(
             "data: %d shards (%s), %s mode, %d samples/epoch, %d steps per epoch of %d x %d, %d workers, "
             "augment on %s", len(shards.urls), shards.spec, self.mode, self.num_samples, self.steps_per_epoch,
-            batch_size, world_size, self.num_workers, "the device" if self.gpu else "the CPU workers",
+            self.batch_size, self.world_size, self.num_workers,
+            "the device" if self.augmenter.on_device else "the CPU workers",
         )
+
+    def _deal(self, shards: ShardSet, data_cfg: DataConfig) -> tuple[list[list[int]], int, int]:
+        """(shard indices of each (rank, worker) slot, steps per epoch, samples per epoch); see the module docstring.
+
+        Raises:
+            ValueError: some rank gets no full batch, or the sample count is unknown or below one global batch.
+        """
+        workers = max(self.num_workers, 1)
+        global_batch = self.batch_size * self.world_size
+        if self.mode == "exact" and shards.counts is not None:
+            slots = assign_shards(shards.counts, self.world_size * workers)
+            per_rank = [sum(sum(shards.counts[i] for i in slots[r * workers + w]) // self.batch_size
+                            for w in range(workers)) for r in range(self.world_size)]
+            if min(per_rank) == 0:
+                raise ValueError(
+                    f"data.shards {shards.spec!r}: {len(shards.urls)} shards of {shards.total} samples give some rank "
+                    f"no full batch of {self.batch_size} with {self.world_size} ranks x {workers} workers; "
+                    "use more (smaller) shards, fewer workers or a smaller train.batch_size"
+                )
+            return slots, min(per_rank), data_cfg.epoch_samples or int(shards.total or 0)
+        total = data_cfg.epoch_samples or shards.total
+        if not total:
+            raise ValueError(
+                f"data.shards {shards.spec!r} has no manifest giving the number of samples; set data.epoch_samples"
+            )
+        if int(total) < global_batch:
+            raise ValueError(f"data.epoch_samples {total} is less than one global batch of {global_batch}")
+        slots = [list(range(s, len(shards.urls), self.world_size * workers)) for s in range(self.world_size * workers)]
+        return slots, int(total) // global_batch, int(total)
 
     # ---- in the workers
 
-    def process(self, sample: dict[str, Any], epoch: int, skips: SkipCounter) -> Any:
-        """A raw shard sample -> a `Sample` (CPU path) or a (data, params, label, key) tuple (GPU path)."""
+    def process(self, sample: dict[str, Any], epoch: int, skips: SkipCounter) -> Sample | None:
+        """A raw shard sample -> a `Sample` holding the augmenter's views (its key's batch is set by the collate
+        caller); None, counted and logged, when it has no image or the image is corrupt."""
         key = sample.get("__key__", "?")
         where = f"sample {key} of {sample.get('__url__', '?')}"
         data = _image_bytes(sample)
@@ -345,51 +287,12 @@ class ShardStream:
             skips.skip(where, f"no image ({', '.join(IMAGE_KEYS)}) among {sorted(k for k in sample if k[0] != '_')}")
             return None
         h = key_hash(key)
-        seed = sample_seed(self.seed, epoch, h)
         try:
-            if not self.gpu:
-                with Image.open(io.BytesIO(data)) as opened:
-                    image = opened.convert("RGB")
-                crops = self.transform(image, seed=seed)
-                return Sample(crops, _label(sample), h, 0, SampleKey(epoch, 0, h))
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if self.cfg.decode == "cpu":
-                image = decode_image(encoded, mode=ImageReadMode.RGB)
-                height, width = image.shape[1:]
-                payload = image
-            else:
-                with Image.open(io.BytesIO(data)) as opened:  # header only: format and size
-                    fmt, (width, height) = opened.format, opened.size
-                    if fmt != "JPEG":  # the device decoder reads JPEG only: decode other formats here
-                        payload = torch.from_numpy(np.asarray(opened.convert("RGB"))).permute(2, 0, 1).contiguous()
-                    elif not _looks_complete_jpeg(data):
-                        raise OSError("truncated JPEG (no end-of-image marker)")
-                    else:
-                        payload = encoded
-            return payload, draw_view_params(height, width, self.cfg, seed), _label(sample), h
+            views = self.augmenter.from_bytes(data, sample_seed(self.seed, epoch, h))
         except Exception as err:  # corrupt or truncated image: any decoder error means skip it
             skips.skip(where, f"{type(err).__name__}: {err}")
             return None
-
-    def collate_items(self, items: list[Any], epoch: int, batch_index: int, num_skipped: int) -> Any:
-        if not self.gpu:
-            samples = [s._replace(key=SampleKey(epoch, batch_index, s.index)) for s in items]
-            batch = self.collate(samples)
-            batch.num_skipped = num_skipped
-            return batch
-        masks = generate_masks(self.mask_cfg, self.grid, seed=self.seed, epoch=epoch, batch=batch_index,
-                               rank=self.rank, indices=[it[3] for it in items], num_views=self.cfg.num_global)
-        mask_indices, _ = masked_token_indices(masks)  # the loss weighs masked tokens itself (objective.py)
-        images = [it[0] for it in items]
-        return RawBatch(
-            images=images,
-            decoded=images[0].dim() == 3 and all(im.dim() == 3 for im in images),
-            params=torch.stack([it[1] for it in items], dim=1),
-            masks=masks, mask_indices=mask_indices,
-            labels=torch.tensor([it[2] for it in items], dtype=torch.int64),
-            indices=torch.tensor([it[3] for it in items], dtype=torch.int64),
-            num_skipped=num_skipped,
-        )
+        return Sample(views, _label(sample), h, 0, SampleKey(epoch, 0, h))
 
     # ---- in the training process
 
@@ -401,32 +304,8 @@ class ShardStream:
         )
         return iter(loader)
 
-    def finish_gpu_batch(self, raw: RawBatch) -> Batch:
-        """Decode (if needed) and augment a `RawBatch` on the stream's device."""
-        device = self.device
-        num_skipped = raw.num_skipped
-        if raw.decoded:
-            images = [im.to(device, non_blocking=True) for im in raw.images]
-        else:
-            encoded = [im for im in raw.images if im.dim() == 1]
-            decoded, failed = decode_batch(encoded, device) if encoded else ([], [])
-            for i in failed:
-                logger.warning("data: skipping an undecodable JPEG (sample %d of the batch); its slot reuses another "
-                               "image of the batch", i)
-            num_skipped += len(failed)
-            it = iter(decoded)
-            images = [next(it) if im.dim() == 1 else im.to(device, non_blocking=True) for im in raw.images]
-        global_crops, local_crops = self.gpu_crop(images, raw.params)
-        return Batch(
-            global_crops=global_crops, local_crops=local_crops,
-            masks=raw.masks.to(device, non_blocking=True),
-            mask_indices=raw.mask_indices.to(device, non_blocking=True),
-            labels=raw.labels.to(device, non_blocking=True), indices=raw.indices.to(device, non_blocking=True),
-            num_skipped=num_skipped,
-        )
-
-    def _next_raw(self) -> tuple[Any, int, int]:
-        """The next (batch, worker, cursor) of this epoch; moves to the next epoch when a rank's data runs out."""
+    def _next_raw(self) -> tuple[Any, tuple[int, int]]:
+        """The next (batch, (worker, cursor)) of this epoch; moves to the next epoch when a rank's data runs out."""
         for _ in range(2):
             if self._batches is None:
                 self._batches = self._start()
@@ -438,7 +317,7 @@ class ShardStream:
                     if batch is not None:
                         batch.num_skipped += self._carried_skips
                         self._carried_skips = 0
-                        return batch, worker, cursor
+                        return batch, (worker, cursor)
                     self._carried_skips += skipped  # the worker's skips after its last batch
             except StopIteration:
                 if self.batch == 0:
@@ -452,59 +331,18 @@ class ShardStream:
                 self._end_epoch()
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
-        """Stop the dataloader workers now (they also stop when the stream is garbage-collected)."""
-        batches, self._batches = self._batches, None
-        # The DataLoader's multiprocessing iterator has no public way to stop its workers: it does so in `__del__`,
-        # which runs only once every reference (a generator frame, a traceback) is gone. The next epoch forks new
-        # workers right after this, so the old ones must be gone now, not at some later collection.
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
     def _end_epoch(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0
         self.cursors = [0] * max(self.num_workers, 1)
         self.close()  # before the next epoch's workers are forked
 
-    def _advance(self, worker: int, cursor: int, num_skipped: int) -> None:
+    def _advance(self, batch: Batch, token: tuple[int, int]) -> None:
+        worker, cursor = token
         self.cursors[worker] = cursor
-        self.skipped_total += num_skipped
+        self.skipped_total += batch.num_skipped
         self.batch += 1
         if self.batch == self.steps_per_epoch:
             self._end_epoch()
-
-    def __iter__(self) -> Iterator[Batch]:
-        if not self.gpu:
-            while True:
-                batch, worker, cursor = self._next_raw()
-                self._advance(worker, cursor, batch.num_skipped)
-                yield batch
-        # GPU path: batch k+1 is decoded and augmented (on a side stream on CUDA) while the caller trains on k.
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        pending: tuple[Batch, Any, int, int] | None = None
-        while True:
-            raw, worker, cursor = self._next_raw()
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    batch = self.finish_gpu_batch(raw)
-                    event = torch.cuda.Event()
-                    event.record(side)
-            else:
-                batch, event = self.finish_gpu_batch(raw), None
-            if pending is not None:
-                yield self._hand_over(pending)
-            pending = (batch, event, worker, cursor)
-
-    def _hand_over(self, pending: tuple[Batch, Any, int, int]) -> Batch:
-        batch, event, worker, cursor = pending
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)  # device-side wait, no host sync
-            batch._map(lambda t: t.record_stream(current) or t)
-        self._advance(worker, cursor, batch.num_skipped)
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Position of the next batch to be yielded. With several ranks this gathers every rank's worker cursors
@@ -527,7 +365,7 @@ class ShardStream:
                              "epoch of these shards and batch size")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.cursors = [0] * max(self.num_workers, 1)
-        self._batches = None
+        self.close()
         layout = (state.get("world_size"), state.get("num_workers"), state.get("mode"))
         if layout != (self.world_size, max(self.num_workers, 1), self.mode) or "cursors" not in state:
             if self.batch:
@@ -540,22 +378,10 @@ class ShardStream:
             self.cursors = [int(c) for c in state["cursors"][self.rank if len(state["cursors"]) > 1 else 0]]
 
 
-def build_shard_stream(
-    data_cfg: DataConfig,
-    mask_cfg: MaskConfig,
-    *,
-    batch_size: int,
-    patch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | None = None,
-) -> ShardStream:
+def build_shard_stream(data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace) -> ShardStream:
     """The `ShardStream` of `data.shards` for one rank; checks local shards before any training starts.
 
     Raises:
         ValueError: the spec matches nothing, no local shard is readable, or the data is smaller than a batch.
     """
-    shards = check_local_shards(resolve_shards(data_cfg.shards))
-    return ShardStream(shards, data_cfg, mask_cfg, batch_size=batch_size, patch_size=patch_size, seed=seed,
-                       rank=rank, world_size=world_size, device=device)
+    return ShardStream(check_local_shards(resolve_shards(data_cfg.shards)), data_cfg, mask_cfg, place)
