@@ -55,6 +55,12 @@ class TrainConfig:
     on_collapse: Literal["warn", "stop"] = "warn"
     """What the collapse detector (engine/health.py) does when the teacher's targets stay near uniform or one-hot,
     or the cls embeddings of the batch become nearly identical, for several logging steps: warn once, or stop."""
+    on_nonfinite: Literal["rollback", "stop"] = "rollback"
+    """A non-finite loss (seen at the next logging or checkpoint step, on any rank): rollback restores the last
+    good checkpoint on every rank, skips the batches that led to the failure and goes on; stop ends the run. Either
+    way no checkpoint of a non-finite state is written. fp16 GradScaler overflow skips are not failures."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one run before a further non-finite loss stops it."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (slower; bit-reproducible kernels where they exist)."""
 
@@ -386,6 +392,7 @@ def _check(cfg: Config) -> None:
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.seed", cfg.train.seed, allow_zero=True)
     positive("train.log_every", cfg.train.log_every)
+    positive("train.max_rollbacks", cfg.train.max_rollbacks, allow_zero=True)
     positive("model.patch_size", cfg.model.patch_size)
     positive("model.out_dim", cfg.model.out_dim)
     for key in ("data.global_size", "data.local_size", "model.img_size"):

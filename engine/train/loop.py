@@ -1,8 +1,9 @@
 """`ibot train`: build everything from the config, then run the loop.
 
 The loop reads top to bottom: schedules -> `train_step` -> log (the only host syncs) -> checkpoint. A non-finite
-loss is accumulated into a device flag every step (no sync) and read at log and checkpoint boundaries: the run
-stops with a clear error before any checkpoint of a non-finite state is written, so the last good one survives.
+loss is accumulated into a device flag every step (no sync) and read at log and checkpoint boundaries, before any
+checkpoint of that state is written: the run rolls back to the last good checkpoint and skips the batches that led
+there (`train.on_nonfinite=rollback`, at most `train.max_rollbacks` times), or stops with a clear error.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     if knn is not None and t.step == 0:  # the random-init baseline the k-NN curve starts from
         metrics.log({"step": 0, **_teacher_knn(t, knn, first=True)}, eta_s=0.0)
         meter.restart()
-    data_iter = iter(t.data)
+    data_iter, rollbacks = iter(t.data), 0
     try:
         while t.step < t.total_steps:
             hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
@@ -77,19 +78,22 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             step = t.step + 1  # the step this iteration completes
             eval_now = knn is not None and (step % cfg.eval.knn_every == 0 or step == t.total_steps)
             log_now = step % cfg.train.log_every == 0 or step == t.total_steps or eval_now
+            save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.total_steps
             losses, grad_norm, stats = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=log_now)
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step = step
             meter.interval_steps += 1
+            if (log_now or save_now) and _nonfinite_on_any_rank(nonfinite):  # host sync: these steps only
+                _roll_back(t, run_dir, metrics, rollbacks)  # or raise NonFiniteLossError
+                data_iter, rollbacks = iter(t.data), rollbacks + 1
+                nonfinite.zero_()
+                continue
             if log_now:
-                _check_finite(t, nonfinite)
                 last, now = _metrics_record(t, hp, losses, grad_norm, stats, meter)
                 if eval_now:  # k-NN of the teacher on the held-out set, all ranks (features are gathered)
                     last.update(_teacher_knn(t, knn))
                 _log_step(t, last, now, detector, metrics, meter, run_dir)
-            if (cfg.checkpoint.every and t.step % cfg.checkpoint.every == 0) or t.step == t.total_steps:
-                _check_finite(t, nonfinite)
-                # Every rank writes its shards; `latest` moves once the save is complete (async: later).
+            if save_now:  # every rank writes its shards; `latest` moves once the save is complete (async: later)
                 meta = {"config": config_to_dict(cfg), "data": data_state(t)}
                 t.checkpointer.save(t.step, training_state(t), meta)
         t.checkpointer.wait()
@@ -153,15 +157,38 @@ def _log_run_summary(t: Trainer, amp_dtype: torch.dtype | None) -> None:
     )
 
 
-def _check_finite(t: Trainer, nonfinite: Tensor) -> None:
-    """Raise `NonFiniteLossError` if any rank saw a non-finite loss. Host sync: call it only at log / checkpoint
-    boundaries. Over all ranks, so that all stop (or save) together."""
-    if all_reduce_sum(nonfinite.float()).item():
-        good = t.checkpointer.latest()
+def _nonfinite_on_any_rank(nonfinite: Tensor) -> bool:
+    """Whether any rank saw a non-finite loss since the flag was last cleared. A host sync and a collective: call
+    it on every rank, at log / checkpoint boundaries only."""
+    return bool(all_reduce_sum(nonfinite.float()).item())
+
+
+def _roll_back(t: Trainer, run_dir: Path, metrics: MetricLogger, rollbacks: int) -> None:
+    """After a non-finite loss (every rank calls this together): restore the last good checkpoint, keep the data
+    stream where it is (the batches since that checkpoint, which led to the failure, are skipped), drop the metrics
+    records past the checkpoint and record the rollback. Raises `NonFiniteLossError` instead under
+    `train.on_nonfinite=stop`, without a checkpoint, or once `train.max_rollbacks` are spent."""
+    cfg = t.cfg.train
+    t.checkpointer.wait()  # an async save in flight is the last good state
+    good = broadcast_object(t.checkpointer.latest())  # rank 0's view of the run directory, for all ranks
+    if cfg.on_nonfinite == "stop" or good is None or rollbacks >= cfg.max_rollbacks:
+        why = ("train.on_nonfinite=stop" if cfg.on_nonfinite == "stop" else "no checkpoint to roll back to"
+               if good is None else f"train.max_rollbacks={cfg.max_rollbacks} rollbacks already made")
         raise NonFiniteLossError(
-            f"non-finite loss at or before step {t.step}; stopping. Last good checkpoint: {good or 'none'}. "
+            f"non-finite loss at or before step {t.step}; stopping ({why}). Last good checkpoint: {good or 'none'}. "
             "Try precision=bf16 or fp32, a lower optim.lr, or a longer warm-up."
         )
+    failed_step, position = t.step, t.data.state_dict()
+    restore_training_state(t, good)
+    t.data.load_state_dict(position)  # skip, rather than replay, the batches since the checkpoint
+    if t.env.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", t.step)
+    log.warning("non-finite loss at or before step %d: rolled back to %s (step %d), skipping the %d batches since "
+                "(rollback %d of at most %d)", failed_step, good, t.step, failed_step - t.step, rollbacks + 1,
+                cfg.max_rollbacks)
+    metrics.log({"step": t.step, "rollback": {"failed_step": failed_step, "checkpoint": str(good),
+                                              "skipped_batches": failed_step - t.step, "count": rollbacks + 1}},
+                eta_s=0.0)
 
 
 def _teacher_knn(t: Trainer, knn: KnnEvaluator, first: bool = False) -> dict[str, float]:

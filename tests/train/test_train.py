@@ -3,6 +3,8 @@ checkpoint."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -106,6 +108,45 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert ckpt.latest().name == "step_00000004"
     state = load_checkpoint(ckpt.latest())
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # The default train.on_nonfinite=rollback tried train.max_rollbacks=3 times first (every retry failed too).
+    assert [r["rollback"]["count"] for r in read_metrics(tmp_path) if "rollback" in r] == [1, 2, 3]
+
+
+def _poison_calls(monkeypatch, calls_to_poison):
+    """A test hook: the loss of the `train_step` calls whose number (from 1) is in `calls_to_poison` becomes NaN."""
+    real_loss, calls = step_module.ibot_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        return out._replace(total=out.total * float("nan")) if calls["n"] in calls_to_poison else out
+
+    monkeypatch.setattr(step_module, "ibot_loss", poisoned)
+
+
+def test_one_non_finite_loss_rolls_back_skips_its_batches_and_finishes(tmp_path, monkeypatch):
+    _poison_calls(monkeypatch, {5})  # step 5's loss; seen at step 6 (a log and checkpoint step)
+    train(_cfg(tmp_path, "train.steps=10", "train.log_every=3", "checkpoint.every=2"))
+    records = read_metrics(tmp_path)
+    rollbacks = [r for r in records if "rollback" in r]
+    assert len(rollbacks) == 1 and rollbacks[0]["step"] == 4
+    assert rollbacks[0]["rollback"]["failed_step"] == 6 and rollbacks[0]["rollback"]["skipped_batches"] == 2
+    assert rollbacks[0]["rollback"]["checkpoint"].endswith("step_00000004")
+    assert [r["step"] for r in records if "loss" in r] == [3, 6, 9, 10]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    final = Checkpointer(tmp_path).latest()
+    assert final.name == "step_00000010"
+    state = load_checkpoint(final)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # 12 batches per epoch (96 images / 8): 10 steps + the 2 skipped batches end exactly one epoch.
+    assert json.loads((final / "meta.json").read_text())["data"] == {"epoch": 1, "batch": 0}
+
+
+def test_non_finite_loss_with_on_nonfinite_stop_stops_at_once(tmp_path, monkeypatch):
+    _poison_calls(monkeypatch, {5})
+    with pytest.raises(NonFiniteLossError, match=r"step 6; stopping \(train\.on_nonfinite=stop\).*step_00000004\b"):
+        train(_cfg(tmp_path, "train.steps=10", "train.log_every=3", "checkpoint.every=2", "train.on_nonfinite=stop"))
+    assert not any("rollback" in r for r in read_metrics(tmp_path))
 
 
 def test_checkpoint_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_path):
