@@ -39,10 +39,11 @@ class IBOTLoss(NamedTuple):
 def _cross_view_pairs(num_global: int, num_views: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Row indices (teacher rows, student rows) of every pair (q, v), q < G, v != q, each over its B images.
 
-    Cached per shape and device: built (and copied to the device) once, not in every training step."""
-    pairs = [(q, v) for q in range(num_global) for v in range(num_views) if v != q]
-    q_idx = torch.tensor([q for q, _ in pairs], device=device)
-    v_idx = torch.tensor([v for _, v in pairs], device=device)
+    Cached per shape and device, and built by device ops (no tensor from Python data, no host copy)."""
+    # Pair j of teacher view q is student view j + (j >= q): every view but q, in order.
+    q_idx = torch.arange(num_global, device=device).repeat_interleave(num_views - 1)
+    j = torch.arange(num_views - 1, device=device).repeat(num_global)
+    v_idx = j + (j >= q_idx).long()
     b = torch.arange(batch, device=device)
     teacher_rows = (q_idx[:, None] * batch + b).reshape(-1)
     student_rows = (v_idx[:, None] * batch + b).reshape(-1)
@@ -184,13 +185,11 @@ def update_centers_(
     official rule, masked tokens only for DINOv2's); a global count of 0 leaves c2 unchanged. One collective.
     """
     K = cls_center.shape[0]
-    stats = torch.cat(
-        [
-            teacher_cls.sum(0, dtype=torch.float32),
-            patch_sum.float(),
-            torch.tensor([teacher_cls.shape[0], patch_count], device=cls_center.device, dtype=torch.float32),
-        ]
-    )
+    # The two counts are host numbers: written as kernel arguments (a tensor of a Python list is a host copy).
+    counts = cls_center.new_empty(2, dtype=torch.float32)
+    counts[0].fill_(teacher_cls.shape[0])
+    counts[1].fill_(patch_count)
+    stats = torch.cat([teacher_cls.sum(0, dtype=torch.float32), patch_sum.float(), counts])
     if all_reduce is not None:
         stats = all_reduce(stats)
     cls_mean = stats[:K] / stats[2 * K]
@@ -212,7 +211,7 @@ def sinkhorn_log_targets(
     As in DINOv2 there is no max-subtraction before exp: logits are bounded cosines (times g).
     """
     Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # [K, n]
-    n_local = torch.tensor([Q.shape[1]], device=Q.device, dtype=torch.float32)
+    n_local = Q.new_full((1,), Q.shape[1])  # a host number as a kernel argument: no host-to-device copy
     n_total = all_reduce(n_local.clone()) if all_reduce is not None else n_local
     total = Q.sum().reshape(1)
     Q /= all_reduce(total) if all_reduce is not None else total

@@ -109,13 +109,15 @@ def clip_sharded_gradients_(params: list[Tensor], max_norm: float, mode: str) ->
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    # Shards first, then replicated (plain) gradients, which count once: only rank 0 contributes them to the sum.
+    # Which is which is known on the host, so no mask tensor is built from Python data every step.
+    shards = [g.to_local() for g in grads if _is_dtensor(g)]
+    plain = [g for g in grads if not _is_dtensor(g)]
+    local = shards + plain
     squares = torch.stack(torch._foreach_norm(local)).float().square()
-    sharded = torch.tensor([_is_dtensor(g) for g in grads], device=squares.device)
     if is_distributed():
-        # Replicated (plain) gradients count once: only rank 0 contributes them to the sum.
-        if get_rank() != 0:
-            squares = torch.where(sharded, squares, torch.zeros_like(squares))
+        if plain and get_rank() != 0:
+            squares[len(shards):].fill_(0.0)  # a Python scalar as a kernel argument: no copy
         dist.all_reduce(squares)
     norms = squares.sqrt()
     total = squares.sum().sqrt()

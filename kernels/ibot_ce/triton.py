@@ -277,9 +277,11 @@ def temperature_tensor(student_temp: float | Tensor, teacher_temp: float | Tenso
         # guard on each value instead. Inductor fuses this into one tiny kernel.
         one = torch.ones(1, device=device, dtype=torch.float32)
         return torch.cat([one * student_temp, one * teacher_temp])
+    # fill_ on each element: a Python float travels as a kernel argument. (Item assignment, `t[0] = x`, would first
+    # wrap x in a CPU tensor and copy it to the device: a host-to-device copy per call.)
     temperatures = torch.empty(2, device=device, dtype=torch.float32)
-    temperatures[0] = student_temp
-    temperatures[1] = teacher_temp
+    temperatures[0].fill_(student_temp)
+    temperatures[1].fill_(teacher_temp)
     return temperatures
 
 

@@ -1,0 +1,90 @@
+"""No host synchronisation in the training step: real steps under `HostSyncGuard` (engine/train/sync_guard.py),
+which fails on any device-to-host read, data-dependent shape or tensor built from Python data, on CPU tensors too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.distributed import DistEnv
+from engine.train.schedules import hyperparams_at
+from engine.train.step import train_step
+from engine.train.sync_guard import HostSyncError, HostSyncGuard
+from engine.train.trainer import build_trainer
+from tests.helpers import tiny_config
+
+
+def _guarded_steps(cfg, env: DistEnv, steps: int = 3) -> None:
+    """`steps` real training steps, each under the guard (the second one a logging step: health metrics too)."""
+    t = build_trainer(cfg, env)
+    t.model.train()
+    ema_pairs = t.model.ema_pairs()
+    params = [p for p in t.model.student.parameters() if p.requires_grad]
+    data = iter(t.data)
+    for step in range(steps):
+        hp = hyperparams_at(step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
+        batch = next(data).to(env.device)
+        with HostSyncGuard():
+            losses, _, _ = train_step(t, batch, hp, None, ema_pairs, params, health=step == 1)
+        t.step = step + 1
+    assert torch.isfinite(losses.total)
+    t.data.close()
+
+
+@pytest.mark.parametrize("extra", [(), ("loss.centering=sinkhorn",), ("loss.koleo_weight=0.1",)],
+                         ids=["center", "sinkhorn", "koleo"])
+def test_training_step_has_no_host_sync(tmp_path, extra):
+    _guarded_steps(tiny_config(f"run.dir={tmp_path}", "train.steps=3", *extra), DistEnv(0, 1, 0, torch.device("cpu")))
+
+
+def test_the_guard_catches_each_kind_of_sync():
+    x = torch.randn(4)
+    for make in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(), lambda: x[x > 0],
+                 lambda: torch.tensor([1.0, 2.0])):
+        with pytest.raises(HostSyncError, match=r"test_sync_guard\.py|outside"), HostSyncGuard():
+            make()
+    with HostSyncGuard():  # what the step may do: scalars as kernel arguments, static shapes
+        torch.full((2,), 0.5).fill_(0.25)
+        x.nonzero_static(size=4)
+        x * 0.5
+
+
+def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+    """Guarded steps of FSDP2 at `world` gloo ranks; writes rank<r>.json with the first sync found (or none)."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
+    try:
+        cfg = tiny_config(f"run.dir={out_dir}/run", "train.steps=3", "train.batch_size=4",
+                          "distributed.strategy=fsdp")
+        error = None
+        try:
+            _guarded_steps(cfg, DistEnv(rank, world, rank, torch.device("cpu")))
+        except HostSyncError as err:
+            error = str(err)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"error": error}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_training_step_has_no_host_sync(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [{"error": None}] * 2
+
+
+def test_the_triton_loss_builds_its_temperatures_without_a_host_copy():
+    """The Triton loss's (2,) temperature tensor is filled on the device (on a GPU the kernel follows; on CPU the
+    step takes the reference path, so the guarded steps above do not reach this code)."""
+    from kernels.ibot_ce.triton import temperature_tensor
+
+    with HostSyncGuard():
+        temperatures = temperature_tensor(0.1, 0.04, torch.device("cpu"))
+    torch.testing.assert_close(temperatures, torch.tensor([0.1, 0.04]))
