@@ -95,14 +95,16 @@ class StreamBase:
                 batch, token = self._next_raw()
                 self._advance(batch, token)
                 yield batch
-        # Device augmenter: batch k+1 is decoded and augmented (on a side stream on CUDA) while the caller trains on
-        # k. The position moves only when a batch is handed over, so the prefetched one is not counted as consumed.
+        # Device augmenter: batch k+1's decode and crops are queued (on a side stream on CUDA) before batch k is
+        # handed over, so they run while the caller's step k runs. The side stream does not wait for the main one:
+        # it reads only pinned host memory, and the tensors it makes are recorded on the main stream at hand-over,
+        # so the allocator reuses their memory only after the step that reads them. The position moves only when
+        # a batch is handed over, so the batch prepared ahead is not counted as consumed.
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pending: tuple[Batch, Any, Any] | None = None
         while True:
             raw, token = self._next_raw()
             if side is not None:
-                side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     batch = self.augmenter.finish(raw)
                     event = torch.cuda.Event()

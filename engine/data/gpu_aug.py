@@ -26,6 +26,7 @@ normalised, view-major (all B images of view 0, then view 1, ...), as `Batch` wa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -200,14 +201,14 @@ _JITTER_OPS = (
 )
 
 
-def color_jitter(x: Tensor, params: Tensor, host_params: Tensor | None = None) -> Tensor:
+def color_jitter(x: Tensor, params: Tensor, host_params: Tensor | None = None, owned: bool = False) -> Tensor:
     """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability, each sample in its own random order.
 
     With the parameters on the host (`host_params`, or `params` itself on CPU) each op runs once per sample
     (`color_jitter_indexed`); otherwise every op runs on the whole batch at every position (`color_jitter_masked`).
     """
     host = host_params if host_params is not None else (params if params.device.type == "cpu" else None)
-    return color_jitter_masked(x, params) if host is None else color_jitter_indexed(x, params, host)
+    return color_jitter_masked(x, params) if host is None else color_jitter_indexed(x, params, host, owned)
 
 
 def color_jitter_masked(x: Tensor, params: Tensor) -> Tensor:
@@ -221,9 +222,11 @@ def color_jitter_masked(x: Tensor, params: Tensor) -> Tensor:
     return x
 
 
-def color_jitter_indexed(x: Tensor, params: Tensor, host: Tensor) -> Tensor:
-    """Each op on the samples that take it at each position (index_select / index_copy); the index lists are
-    built from the host copy `host` of `params`, so there is no device sync."""
+def color_jitter_indexed(x: Tensor, params: Tensor, host: Tensor, owned: bool = False) -> Tensor:
+    """Each op on the samples that take it at each position (index_select, then index_copy_ in place); the index
+    lists are built from the host copy `host` of `params`, so there is no device sync. `owned`: x may be
+    overwritten (else one copy is made first)."""
+    x = x if owned else x.clone()
     apply = host[:, P_JITTER] > 0.5
     order = host[:, P_ORDER].long()
     for position in range(4):
@@ -232,7 +235,7 @@ def color_jitter_indexed(x: Tensor, params: Tensor, host: Tensor) -> Tensor:
             if rows.numel() == 0:
                 continue
             rows = rows.to(x.device, non_blocking=True)
-            x = x.index_copy(0, rows, op(x.index_select(0, rows), params[:, column].index_select(0, rows)))
+            x.index_copy_(0, rows, op(x.index_select(0, rows), params[:, column].index_select(0, rows)))
     return x
 
 
@@ -267,13 +270,19 @@ def augment_crops(x: Tensor, params: Tensor, host_params: Tensor | None = None) 
 
     `params` [N, NUM_PARAMS] on x's device; `host_params` the same on the CPU when available (see color_jitter)."""
     x = torch.where(_per_sample(params[:, P_FLIP] > 0.5), x.flip(-1), x)
-    x = color_jitter(x, params, host_params)
+    x = color_jitter(x, params, host_params, owned=True)  # x is the flip's output: ours to overwrite
     x = torch.where(_per_sample(params[:, P_GRAY] > 0.5), grayscale(x).expand_as(x), x)
     x = gaussian_blur(x, params[:, P_SIGMA], params[:, P_BLUR] > 0.5)
     x = solarize(x, params[:, P_SOLARIZE] > 0.5)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _normalisation(x.device, x.dtype)
     return (x - mean) / std
+
+
+@functools.cache
+def _normalisation(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as [1, 3, 1, 1] tensors on `device`: copied there once, not at every batch."""
+    return (torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1).to(device),
+            torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1).to(device))
 
 
 def resized_crops(canvas: Tensor, params: Tensor, out_size: int) -> Tensor:
@@ -290,17 +299,46 @@ def resized_crops(canvas: Tensor, params: Tensor, out_size: int) -> Tensor:
 
 
 class GpuMultiCrop:
-    """Batched multi-crop of uint8 images on their device: `(images, params) -> (global_crops, local_crops)`."""
+    """Batched multi-crop of uint8 images on their device: `(images, params) -> (global_crops, local_crops)`.
+
+    Memory bound: every image is pasted into one float32 canvas [B, 3, S + 1, S + 1], S the largest side in the
+    batch, so a single huge image would size the whole batch's canvas (a 2,000 px image in a batch of 64: 3 GB).
+    Images with a side above `max_side` = 2 x the global crop size are therefore first resized (bilinear,
+    antialiased) to fit it, and their crop boxes scaled with them: the canvas never exceeds B x 3 x (max_side + 1)^2
+    floats (156 MB at B = 64, 224 px crops). For images of ordinary aspect ratios this loses nothing the crops keep:
+    with the default scales, the smallest global crop of a max_side square image still spans 224 source pixels and
+    the smallest local crop 100. A very elongated image (say 1:10) loses resolution along its short side.
+    """
 
     def __init__(self, cfg: DataConfig) -> None:
         self.num_global = cfg.num_global
         self.num_local = cfg.num_local
         self.global_size = cfg.global_size
         self.local_size = cfg.local_size
+        self.max_side = 2 * cfg.global_size
+
+    def _fit(self, images: list[Tensor], params: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Images with a side above `max_side` resized to fit (float), with their boxes in `params` scaled."""
+        if max(max(im.shape[1], im.shape[2]) for im in images) <= self.max_side:
+            return images, params
+        params, fitted = params.clone(), []
+        for i, im in enumerate(images):
+            h, w = im.shape[1], im.shape[2]
+            if max(h, w) <= self.max_side:
+                fitted.append(im)
+                continue
+            scale = self.max_side / max(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            fitted.append(F.interpolate(im[None].float(), size=size, mode="bilinear", antialias=True,
+                                        align_corners=False)[0])
+            box_scale = torch.tensor([size[1] / w, size[0] / h] * 2, dtype=params.dtype)  # host numbers, host params
+            params[:, i, P_BOX] *= box_scale.to(params.device)
+        return fitted, params
 
     def __call__(self, images: list[Tensor], params: Tensor) -> tuple[Tensor, Tensor]:
         b = len(images)
         device = images[0].device
+        images, params = self._fit(images, params)
         height = max(im.shape[1] for im in images)
         width = max(im.shape[2] for im in images)
         # One spare row and column: each image's last row / column is repeated past its edge, so bilinear

@@ -370,3 +370,38 @@ def test_gpu_augmenter_serves_image_data_and_resumes(num_workers: int) -> None:
     resumed.load_state_dict({"epoch": 1, "batch": 0})
     for batch, expected in zip(_take(resumed, 2), gpu_batches[3:], strict=True):
         _assert_same(batch, expected)
+
+
+def test_device_augmenter_prepares_one_batch_ahead_of_the_hand_over() -> None:
+    """The schedule of `StreamBase` with a device augmenter: batch k + 1 is finished before batch k is handed over
+    (on CUDA its work is queued on a side stream and runs during step k), and the position counts handed-over
+    batches only."""
+    from engine.data.contract import StreamBase
+
+    events: list[str] = []
+
+    class Recorder:
+        on_device = True
+
+        def finish(self, raw: int) -> Batch:
+            events.append(f"finish {raw}")
+            return Batch(*(torch.zeros(1) for _ in range(6)), num_skipped=raw)  # type: ignore[arg-type]
+
+    class Counting(StreamBase):
+        def __init__(self) -> None:
+            self.augmenter, self.device, self.batch, self.raw = Recorder(), torch.device("cpu"), 0, 0
+
+        def _next_raw(self) -> tuple[int, None]:
+            self.raw += 1
+            return self.raw - 1, None
+
+        def _advance(self, batch: Batch, token: None) -> None:
+            events.append(f"hand over {batch.num_skipped}")
+            self.batch += 1
+
+    stream = Counting()
+    batches = iter(stream)
+    next(batches)
+    assert events == ["finish 0", "finish 1", "hand over 0"] and stream.batch == 1
+    next(batches)
+    assert events[3:] == ["finish 2", "hand over 1"] and stream.batch == 2

@@ -243,3 +243,31 @@ def test_cuda_ops_match_cpu_ops() -> None:
     on_gpu = crop([im.cuda() for im in cpu_images], params)
     for a, b in zip(on_cpu, on_gpu):
         torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=0)
+
+
+def test_one_huge_image_does_not_size_the_batch_canvas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canvas is bounded by B x 3 x (max_side + 1)^2 (max_side = 2 x global_size): an 800 x 600 image is
+    resized first, its boxes scaled, and its crops stay those of the full-size image (a smooth one here, so the
+    resampling differs only slightly). Images within the bound are untouched."""
+    cfg = _cfg(num_global=2, num_local=3)  # global 32 px: max_side 64
+    h, w = 600, 800
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    huge = (torch.stack([xs, ys, (xs + ys) / 2]) * 255).round().to(torch.uint8)
+    small = (torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    params = torch.stack([G.draw_view_params(30, 40, cfg, seed=0), G.draw_view_params(h, w, cfg, seed=1)], dim=1)
+    canvases = []
+    real = G.resized_crops
+    monkeypatch.setattr(G, "resized_crops", lambda canvas, *a: canvases.append(canvas.shape) or real(canvas, *a))
+    crop = G.GpuMultiCrop(cfg)
+    global_crops, local_crops = crop([small, huge], params.clone())
+    assert crop.max_side == 64 and all(c[2] <= 65 and c[3] <= 65 for c in canvases)
+    unbounded = G.GpuMultiCrop(cfg)
+    unbounded.max_side = 10**6
+    full_g, full_l = unbounded([small, huge], params.clone())
+    assert canvases[-1][3] == w + 1  # the unbounded canvas is as wide as the huge image
+    view_rows = [v * 2 + i for v in range(2) for i in range(2)]
+    small_rows = [r for r in view_rows if r % 2 == 0]
+    huge_rows = [r for r in view_rows if r % 2 == 1]
+    assert torch.equal(global_crops[small_rows], full_g[small_rows])  # within the bound: untouched
+    torch.testing.assert_close(global_crops[huge_rows], full_g[huge_rows], atol=0.05, rtol=0)
+    torch.testing.assert_close(local_crops[1::2], full_l[1::2], atol=0.05, rtol=0)
