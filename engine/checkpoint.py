@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config, config_from_dict
-from engine.distributed import barrier, get_rank, is_distributed
+from engine.distributed import barrier, get_rank
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ class ShardedCheckpointer(Checkpointer):
         self.async_save = async_save
         self._pending = None
         self._group = None
-        if async_save and is_distributed():
+        # The background save stages the state on the CPU and needs a CPU-capable group for its collectives; the
+        # training's group is NCCL on GPUs, even with one rank (FSDP2 in one process makes a one-rank group).
+        if async_save and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")  # collective: every rank builds it at the same time
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:  # type: ignore[override]

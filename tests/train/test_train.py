@@ -220,3 +220,36 @@ def test_crafted_checkpoint_metadata_is_refused_not_executed(tmp_path):
     with pytest.raises(ValueError, match="not DCP metadata"):
         train(_cfg(tmp_path, "train.steps=4"))  # resume goes through the same reader
     assert not marker.exists()
+
+
+def test_fsdp_in_one_process_with_async_save_saves_and_resumes(tmp_path, monkeypatch):
+    """FSDP2 in one process makes a one-rank group (NCCL on a GPU): the async save gets its own gloo group there
+    too, and a stopped run resumes from its async checkpoint to the uninterrupted run's losses and weights."""
+    import torch.distributed as dist
+
+    from engine.checkpoint import ShardedCheckpointer
+
+    groups = []
+    real_init = ShardedCheckpointer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        groups.append(self._group)
+
+    monkeypatch.setattr(ShardedCheckpointer, "__init__", recording_init)
+    extra = ("train.steps=6", "checkpoint.every=2", "distributed.strategy=fsdp", "checkpoint.async_save=true")
+    train(_cfg(tmp_path / "a", *extra))
+    assert groups and groups[-1] is not None and not dist.is_initialized()  # its own group, torn down at the end
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_step", _StopAfter(3))  # checkpoint at 2, killed during step 4
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(tmp_path / "b", *extra))
+    train(_cfg(tmp_path / "b", *extra))
+    keys = ("loss", "loss_cls", "loss_patch", "grad_norm")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    state_a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000006")["model"]
+    state_b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000006")["model"]
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
