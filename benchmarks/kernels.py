@@ -5,7 +5,9 @@
 
 Reported per row: median ms (20th-80th percentile), achieved GB/s over the bytes that must move, that as a share of
 the measured copy bandwidth, the bandwidth floor (those bytes over the copy bandwidth) and the time as a multiple
-of it, and the peak memory one call allocates beyond its inputs (CUDA). Both kernels are memory bound, so the floor
+of it, the peak memory one call allocates beyond its inputs (CUDA), and for the EMA the host time of one call (its
+per-step table lookup and launches; CUDA), apart from the device time. Each op is called as the training step calls
+it (the loss with Python-float temperatures, filled on the device without a host copy). Both kernels are memory bound, so the floor
 is the yardstick (Triton tutorials report GB/s for the same reason). Compare numbers only within one report.
 
 Bytes that must move, E bytes per element:
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +68,7 @@ class Row:
     timing: Timing
     bytes_moved: int
     peak_extra: int | None
+    host_ms: float | None = None  # host time of one call (launch and Python), apart from the device time
 
 
 # ---- cases -------------------------------------------------------------------------------------------------------
@@ -154,6 +159,19 @@ def run_ce(device: str, quick: bool, providers: list[str]) -> list[Row]:
     return rows
 
 
+def _host_ms(fn: Callable[[], object], device: str, calls: int = 20) -> float:
+    """Median host time of one call with the device queue drained first: what the training loop's thread spends
+    launching it (the EMA's per-step table lookup and launches), apart from the time the device takes to run it."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def run_ema(device: str, quick: bool, providers: list[str]) -> list[Row]:
     rows = []
     fns: dict[str, Callable] = {}
@@ -173,7 +191,8 @@ def run_ema(device: str, quick: bool, providers: list[str]) -> list[Row]:
         for provider, op in fns.items():
             timing, peak = _measure(lambda op=op, t=teacher, s=student: op(t, s, 0.996), device, quick)
             label = f"{case} ({numel / 1e6:.1f} M params, {len(shapes)} tensors)"
-            rows.append(Row("ema", label, "fp32", "update", provider, timing, 12 * numel, peak))
+            host = _host_ms(lambda op=op, t=teacher, s=student: op(t, s, 0.996), device) if device == "cuda" else None
+            rows.append(Row("ema", label, "fp32", "update", provider, timing, 12 * numel, peak, host))
             log.info("ema %s %s: %.3f ms", case, provider, timing.median_ms)
     return rows
 
@@ -216,6 +235,7 @@ def render(rows: list[Row], env: dict[str, str], bandwidth_gbs: float, device: s
         "floor ms",
         "x floor",
         "peak extra MiB",
+        "host ms/call",
     ]
     table = []
     for r in rows:
@@ -237,6 +257,7 @@ def render(rows: list[Row], env: dict[str, str], bandwidth_gbs: float, device: s
                 f"{floor_ms:.4f}",
                 f"{t.median_ms / floor_ms:.2f}",
                 peak,
+                "-" if r.host_ms is None else f"{r.host_ms:.4f}",
             ]
         )
     parts = report_header("Kernel benchmarks", env)

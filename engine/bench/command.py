@@ -22,7 +22,14 @@ import torch
 from engine.bench.harness import bench_harness, build_harness, find_max_batch, harness_batch_trier
 from engine.bench.lightly_peer import LightlyStep, require_lightly
 from engine.bench.report import default_out_path, environment, results_table, write_report
-from engine.bench.timing import BenchSetupError, free_device_memory, peak_flops, precision_name
+from engine.bench.timing import (
+    BenchSetupError,
+    free_device_memory,
+    measured_gemm_tflops,
+    peak_flops,
+    peak_source,
+    precision_name,
+)
 from engine.config import Config
 from engine.distributed import init_distributed, teardown
 from engine.precision import autocast_dtype
@@ -48,7 +55,12 @@ def bench_main(args: Any, cfg: Config) -> Path | None:
         precision = precision_name(h.amp_dtype, device)
         peak = peak_flops(device, precision, args.peak_tflops)
         rows = [bench_harness(h, steps=args.steps, warmup=args.warmup, peak=peak)]
+        gemm_dtype = h.amp_dtype if h.amp_dtype is not None else torch.float32
+        gemm = measured_gemm_tflops(device, gemm_dtype)
         extra: dict[str, Any] = {"precision": precision, "peak_flops_used": peak,
+                                 "peak_source": peak_source(device, args.peak_tflops),
+                                 f"measured_gemm_tflops ({str(gemm_dtype).removeprefix('torch.')} 8192^3)":
+                                     None if gemm is None else round(gemm, 1),
                                  "data": "configured data stream (--data)" if args.data else "synthetic, on device"}
         notes = []
         if args.find_max_batch:

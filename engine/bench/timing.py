@@ -132,6 +132,41 @@ def precision_name(amp_dtype: torch.dtype | None, device: torch.device) -> str:
     return "fp32"
 
 
+def peak_source(device: torch.device, override_tflops: float | None = None) -> str:
+    """Which peak MFU divides by, in words: the `PEAK_TFLOPS` row this card matched, or the override."""
+    if override_tflops is not None:
+        return f"--peak-tflops {override_tflops}"
+    if device.type != "cuda":
+        return "none (CPU)"
+    name = torch.cuda.get_device_name(device)
+    key = next((k for k, _ in PEAK_TFLOPS if k in name), None)
+    if key is None:
+        return f"none: {name!r} is not in PEAK_TFLOPS (give --peak-tflops)"
+    return (f"the data-sheet dense peak of '{key}' ({name}); H100 SXM, H200 and GH200 share it: the same sm_90 tensor "
+            "cores at the same clocks (the H200 differs in memory only)")
+
+
+@torch.no_grad()
+def measured_gemm_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192,
+                         reps: int = 20) -> float | None:
+    """The card's measured ceiling for the step's GEMMs: an n x n x n matmul in `dtype`, best of `reps` timed with
+    CUDA events (None off CUDA). Beside the data-sheet peak it says how much of the MFU gap no kernel could close."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        a @ b
+        end.record()
+    torch.cuda.synchronize(device)
+    best_ms = min(start.elapsed_time(end) for start, end in events)
+    return 2 * n**3 / (best_ms * 1e-3) / 1e12
+
+
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float | None:
     """Dense peak FLOP/s for `precision` on this device, `override_tflops` if given; None when unknown (CPU)."""
     if override_tflops is not None:

@@ -26,6 +26,13 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.config import Config
+from engine.distributed import DistEnv
+from engine.precision import autocast_dtype
+from engine.train.schedules import hyperparams_at
+from engine.train.step import train_step
+from engine.train.trainer import build_trainer
+
 _ROOT = Path(__file__).resolve().parents[2]
 _OURS = ("engine", "kernels", "benchmarks", "tests", "launch")  # top-level folders whose frames are named
 _aten = torch.ops.aten
@@ -88,3 +95,31 @@ class HostSyncGuard(TorchDispatchMode):
         if why is not None and f"aten.{func.overloadpacket.__name__}" not in self.allow:
             raise HostSyncError(f"{func} {why}, at {_caller()}")
         return func(*args, **kwargs)
+
+
+def guarded_steps(cfg: Config, env: DistEnv, steps: int = 3, cuda_sync_debug: bool = False) -> float:
+    """`steps` real training steps of `cfg` (the second a logging step: health metrics too), each `train_step`
+    under `HostSyncGuard` and, with `cuda_sync_debug`, `torch.cuda.set_sync_debug_mode("error")`. Returns the
+    last loss (read after the guarded steps); raises `HostSyncError` (or CUDA's error) at the first sync."""
+    t = build_trainer(cfg, env)
+    t.model.train()
+    ema_pairs = t.model.ema_pairs()
+    params = [p for p in t.model.student.parameters() if p.requires_grad]
+    amp_dtype = autocast_dtype(cfg.precision, env.device)
+    data = iter(t.data)
+    try:
+        for step in range(steps):
+            hp = hyperparams_at(step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
+            batch = next(data).to(env.device)
+            if cuda_sync_debug:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                with HostSyncGuard():
+                    losses, _, _ = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=step == 1)
+            finally:
+                if cuda_sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+            t.step = step + 1
+        return float(losses.total)
+    finally:
+        t.data.close()

@@ -56,6 +56,7 @@ def test_bench_writes_report_and_finds_max_batch(tmp_path):
     assert row["step_ms_min"] <= row["step_ms_median"] <= row["step_ms_max"]
     assert 0 <= row["data_wait_share"] < 1
     assert row["mfu"] is None  # CPU without --peak-tflops
+    assert data["peak_source"] == "none (CPU)" and data["measured_gemm_tflops (float32 8192^3)"] is None
     assert data["largest_batch_ibot_engine"] == 3  # nothing runs out of memory on CPU: the cap
 
 
@@ -267,3 +268,25 @@ def test_peak_flops_table(monkeypatch, card, precision, tflops):
     cpu = torch.device("cpu")
     assert peak_flops(cpu, "bf16") is None
     assert peak_flops(cpu, "fp32", override_tflops=2.0) == 2e12
+    from engine.bench.timing import peak_source
+
+    source = peak_source(torch.device("cuda", 0))
+    assert (card in source) if tflops is not None else ("not in PEAK_TFLOPS" in source)
+
+
+@pytest.mark.parametrize("part", ["quick", "more1", "more2", "more3"])
+def test_gpu_check_parts_fit_one_device_call(part):
+    """`benchmarks/gpu_check.sh PART --dry-run` lists each step with its timeout and files and ends with the
+    totals: each part fits an 8-minute call and the 8 files the device tool brings back (`quick` is the one call
+    a session's device time allows)."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    out = subprocess.run(["bash", str(script), part, "--dry-run"], capture_output=True, text=True, check=True).stdout
+    total = re.fullmatch(r"total: (\d+) s, (\d+) files", out.strip().splitlines()[-1])
+    assert total, out
+    seconds, files = int(total[1]), int(total[2])
+    assert seconds <= 480 and files <= 8
+    steps = re.findall(r"^(\S+)\s+(\d+) s  writes: ", out, flags=re.M)
+    assert steps and sum(int(s) for _, s in steps) == seconds
