@@ -152,6 +152,12 @@ class GpuAugmenter:
             logger.warning("data: skipping an undecodable JPEG (sample %d of the batch); its slot reuses another "
                            "image of the batch", i)
         num_skipped += len(failed)
+        if device.type == "cuda":
+            # torchvision decodes on its own stream (and makes the current one wait for it); the images are then
+            # read on the current stream, so their memory must not return to the decoder stream's pool before that.
+            current = torch.cuda.current_stream(device)
+            for image in decoded:
+                image.record_stream(current)
         it = iter(decoded)
         images = [next(it) if im.dim() == 1 else im.to(device, non_blocking=True) for im in raw.images]
         global_crops, local_crops = self.crop(images, raw.params)
