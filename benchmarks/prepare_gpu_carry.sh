@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Fill the git-ignored gpu_carry/ with what benchmarks/gpu_check.sh needs on the device machine that its image
-# lacks (torch 2.11 + CUDA 13, triton 3.6, timm, torchvision, Python 3.12 are there; pytest and our pure-Python
-# dependencies are not). Wheels only, for CPython 3.12 on x86_64 Linux; nothing travels from ../shared.
+# lacks, and nothing else: the image has Python 3.12, torch 2.11 + CUDA 13, triton 3.6, torchvision, timm, lightning,
+# pytest, pyyaml, rich, safetensors, scikit-image, tqdm; it lacks webdataset, braceexpand, lightly and pytest-timeout
+# (pyproject.toml's per-test `timeout`). Wheels only, for CPython 3.12 on x86_64 Linux; gpu_check.sh installs them
+# with `pip install --no-index --no-deps --target` and fails loudly if that fails. Nothing travels from ../shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p gpu_carry/wheels
-python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --implementation cp -d gpu_carry/wheels \
-    pytest pluggy iniconfig packaging pytest-timeout webdataset braceexpand pyyaml rich markdown-it-py mdurl \
-    pygments safetensors
+rm -rf gpu_carry/wheels && mkdir -p gpu_carry/wheels
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+    --implementation cp -d gpu_carry/wheels webdataset braceexpand pytest-timeout
 # lightly for `ibot bench --compare lightly`: pure Python; its lightly.loss / lightly.models imports need none of its
 # declared dependencies beyond torch, torchvision and timm (all in the image), so it travels --no-deps.
 python -m pip download -q --no-deps --only-binary=:all: -d gpu_carry/wheels "lightly==1.6.0"
