@@ -55,6 +55,10 @@ class TrainConfig:
     on_collapse: Literal["warn", "stop"] = "warn"
     """What the collapse detector (engine/health.py) does when the teacher's targets stay near uniform or one-hot,
     or the cls embeddings of the batch become nearly identical, for several logging steps: warn once, or stop."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches of `batch_size` per optimizer step, exactly one step on their
+    concatenation (engine/train/step.py says where it cannot be exact). The global batch, which sets the learning
+    rate and the steps per epoch, is batch_size x world size x accum_steps."""
     on_nonfinite: Literal["rollback", "stop"] = "rollback"
     """A non-finite loss (seen at the next logging or checkpoint step, on any rank): rollback restores the last
     good checkpoint on every rank, skips the batches that led to the failure and goes on; stop ends the run. Either
@@ -393,6 +397,7 @@ def _check(cfg: Config) -> None:
     positive("train.seed", cfg.train.seed, allow_zero=True)
     positive("train.log_every", cfg.train.log_every)
     positive("train.max_rollbacks", cfg.train.max_rollbacks, allow_zero=True)
+    positive("train.accum_steps", cfg.train.accum_steps)
     positive("model.patch_size", cfg.model.patch_size)
     positive("model.out_dim", cfg.model.out_dim)
     for key in ("data.global_size", "data.local_size", "model.img_size"):

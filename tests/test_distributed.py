@@ -340,6 +340,28 @@ def test_two_ranks_equal_one_process_through_the_cli(runs, strategy):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(runs, tmp_path, strategy):
+    """2 ranks x batch 1 x `train.accum_steps=4` is one process on the batch of 8: the gradients are synchronised on
+    the last micro-batch only (DDP no_sync / FSDP2 set_requires_gradient_sync), the centres move once per step.
+    KoLeo off: its nearest neighbours are searched within each micro-batch (engine/train/step.py)."""
+    no_koleo = "loss.koleo_weight=0"
+    reference = runs.root / "none_no_koleo"
+    if not reference.exists():
+        _train(reference, "train.batch_size=8", no_koleo)
+    run = tmp_path / strategy
+    _train(run, "train.batch_size=1", "train.accum_steps=4", f"distributed.strategy={strategy}", no_koleo, nproc=2)
+    keys = ("loss", "loss_cls", "loss_patch", "grad_norm")
+    a, b = read_metrics(run), read_metrics(reference)
+    assert [r["step"] for r in a] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5), (ra["step"], key)
+    _assert_same_teacher(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_knn_during_fsdp_training_equals_the_eval_of_its_checkpoint(runs, tmp_path):
     """eval.knn_every under FSDP2 (the sharded teacher's root gathered around a backbone-only pass): training is
     unchanged, the step-0 k-NN equals `ibot eval knn --random-init` and the last equals that of the final checkpoint."""

@@ -18,7 +18,8 @@ steps; then the teacher EMA runs once, after the optimizer step (`optimizer_step
 What comes from the config and what from the Trainer:
 * The run length (`train.steps`, or `train.epochs` of the dataset) defines the schedules; the module stops the
   Trainer there (`max_steps` may stop it earlier). Gradient clipping is the config's: `Trainer(gradient_clip_val=...)`
-  is refused. Gradient accumulation is refused (centres and schedules are per optimizer step).
+  is refused. Gradient accumulation is refused here (centres and Sinkhorn-Knopp targets need the whole batch); our
+  own loop has it exactly (`train.accum_steps`).
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
   The objective and the centres are fp32 in every mode. `train.compile` and `train.activation_checkpointing` are
   applied as in our loop (`engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
@@ -105,10 +106,12 @@ class IBOTLightningModule(L.LightningModule):
                 f"Trainer(gradient_clip_val={t.gradient_clip_val}) is not used by IBOTLightningModule: set the "
                 "config keys optim.clip_grad / optim.clip_mode instead"
             )
-        if t.accumulate_grad_batches != 1:
+        if t.accumulate_grad_batches != 1 or self.cfg.train.accum_steps != 1:
             raise ValueError(
-                f"Trainer(accumulate_grad_batches={t.accumulate_grad_batches}) is not supported: iBOT's centres and "
-                "schedules are per optimizer step; raise train.batch_size or the number of devices instead"
+                f"Trainer(accumulate_grad_batches={t.accumulate_grad_batches}) / train.accum_steps="
+                f"{self.cfg.train.accum_steps}: gradient accumulation is not supported in the Lightning module yet "
+                "(iBOT's centres and Sinkhorn-Knopp targets need the whole batch); `ibot train` has it exactly "
+                "(train.accum_steps), or raise train.batch_size or the number of devices"
             )
 
     def on_train_start(self) -> None:

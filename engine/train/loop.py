@@ -72,14 +72,15 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
     data_iter, rollbacks = iter(t.data), 0
     try:
         while t.step < t.total_steps:
-            hp = hyperparams_at(t.step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
-            batch = next(data_iter).to(env.device)
-            meter.data_skipped += int(getattr(batch, "num_skipped", 0))
+            hp = hyperparams_at(t.step, cfg, t.total_steps, t.steps_per_epoch, env.world_size)
+            batch = [next(data_iter).to(env.device) for _ in range(cfg.train.accum_steps)]  # micro-batches
+            meter.data_skipped += sum(b.num_skipped for b in batch)
             step = t.step + 1  # the step this iteration completes
             eval_now = knn is not None and (step % cfg.eval.knn_every == 0 or step == t.total_steps)
             log_now = step % cfg.train.log_every == 0 or step == t.total_steps or eval_now
             save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.total_steps
-            losses, grad_norm, stats = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=log_now)
+            losses, grad_norm, stats = train_step(t, batch if len(batch) > 1 else batch[0], hp, amp_dtype, ema_pairs,
+                                                  params, health=log_now)
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step = step
             meter.interval_steps += 1
@@ -153,7 +154,7 @@ def _log_run_summary(t: Trainer, amp_dtype: torch.dtype | None) -> None:
         "ibot: %s/%d, %d params, device %s x %d, precision %s, %d images, %d steps/epoch, %d steps, peak lr %.2e",
         cfg.model.arch, cfg.model.patch_size, sum(p.numel() for p in t.model.student.parameters()), env.device,
         env.world_size, "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."), t.data.num_samples,
-        t.data.steps_per_epoch, t.total_steps, peak_lr(cfg, env.world_size),
+        t.steps_per_epoch, t.total_steps, peak_lr(cfg, env.world_size),
     )
 
 
@@ -183,12 +184,11 @@ def _roll_back(t: Trainer, run_dir: Path, metrics: MetricLogger, rollbacks: int)
     t.data.load_state_dict(position)  # skip, rather than replay, the batches since the checkpoint
     if t.env.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", t.step)
+    skipped = (failed_step - t.step) * cfg.accum_steps
     log.warning("non-finite loss at or before step %d: rolled back to %s (step %d), skipping the %d batches since "
-                "(rollback %d of at most %d)", failed_step, good, t.step, failed_step - t.step, rollbacks + 1,
-                cfg.max_rollbacks)
+                "(rollback %d of at most %d)", failed_step, good, t.step, skipped, rollbacks + 1, cfg.max_rollbacks)
     metrics.log({"step": t.step, "rollback": {"failed_step": failed_step, "checkpoint": str(good),
-                                              "skipped_batches": failed_step - t.step, "count": rollbacks + 1}},
-                eta_s=0.0)
+                                              "skipped_batches": skipped, "count": rollbacks + 1}}, eta_s=0.0)
 
 
 def _teacher_knn(t: Trainer, knn: KnnEvaluator, first: bool = False) -> dict[str, float]:
@@ -216,7 +216,7 @@ def _metrics_record(t: Trainer, hp: Hyperparams, losses: IBOTLoss, grad_norm: Te
     values = torch.cat([grad_norm.float().reshape(1), all_reduce_mean(local)]).tolist()
     grad_norm_value, (loss, loss_cls, loss_patch, skipped_mean), rest = values[0], values[1:5], values[5:]
     now = time.perf_counter()
-    images_per_step = t.cfg.train.batch_size * env.world_size
+    images_per_step = t.cfg.train.batch_size * env.world_size * t.cfg.train.accum_steps
     record = {
         "step": t.step, "loss": loss, "loss_cls": loss_cls, "loss_patch": loss_patch,
         **({"loss_koleo": rest.pop(0)} if koleo else {}),
@@ -224,7 +224,7 @@ def _metrics_record(t: Trainer, hp: Hyperparams, losses: IBOTLoss, grad_norm: Te
         "teacher_temp": hp.teacher_temp, "patch_teacher_temp": hp.patch_teacher_temp,
         "grad_norm": grad_norm_value,
         "img_per_s": images_per_step * meter.interval_steps / (now - meter.interval_start),
-        "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.data.steps_per_epoch,
+        "max_memory_gib": max_memory_gib(env.device), "epoch": t.step / t.steps_per_epoch,
         "data_skipped": round(skipped_mean * env.world_size),  # every rank's, since the last log line
         **dict(zip(HEALTH_KEYS, rest, strict=True)),
     }

@@ -85,7 +85,9 @@ def apply_strategy(model: IBOT, cfg: Config, env: DistEnv) -> nn.Module:
             bucket_cap_mb=cfg.distributed.bucket_cap_mb,
             gradient_as_bucket_view=True,
             find_unused_parameters=False,
-            static_graph=cfg.distributed.static_graph,
+            # DDP's static-graph mode records the first iterations' hook order and fails an internal assert when
+            # they run under no_sync (gradient accumulation): off when accumulating.
+            static_graph=cfg.distributed.static_graph and cfg.train.accum_steps == 1,
         )
     return model.student
 

@@ -54,9 +54,10 @@ class Hyperparams:
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
-    """lr * total_batch / 256: iBOT's linear scaling rule (`optim.lr` is per 256 images of the global batch; DINOv2
-    scales by the square root with reference 1024 instead, so its learning rates do not carry over)."""
-    return cfg.optim.lr * cfg.train.batch_size * world_size / 256.0
+    """lr * total_batch / 256: iBOT's linear scaling rule (`optim.lr` is per 256 images of the global batch, which
+    counts the accumulated micro-batches; DINOv2 scales by the square root with reference 1024 instead, so its
+    learning rates do not carry over)."""
+    return cfg.optim.lr * cfg.train.batch_size * world_size * cfg.train.accum_steps / 256.0
 
 
 def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int, world_size: int) -> Hyperparams:

@@ -12,10 +12,12 @@ whatever the logits' dtype).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from engine.config import Config
 from engine.data.batch import Batch
@@ -36,7 +38,8 @@ class ForwardOutput(NamedTuple):
 
 
 def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, student: nn.Module | None = None, *,
-                   health: bool = False) -> ForwardOutput:
+                   health: bool = False, teacher: TeacherOutput | None = None,
+                   targets: tuple[Tensor, Tensor] | None = None) -> ForwardOutput:
     """The iBOT loss of `batch` (on the model's device), the teacher outputs that update the centres, and (with
     `health`, e.g. on logging steps only) the training-health metrics of this step.
 
@@ -48,9 +51,11 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, stud
         cfg: the run config (`loss` and `data.num_global` are read).
         student: the module to call for the student pass, e.g. a DDP wrapper of `model.student` (default: it).
         health: also compute `engine.health.health_metrics` (a few reductions over tensors the step has anyway).
+        teacher, targets: this batch's teacher outputs and Sinkhorn-Knopp log-targets (cls, patch), when the caller
+            computed them over a larger batch (gradient accumulation); default: from this batch.
     """
     student = model.student if student is None else student
-    teacher = model.teacher_forward(batch.global_crops, batch.mask_indices)
+    teacher = model.teacher_forward(batch.global_crops, batch.mask_indices) if teacher is None else teacher
     student_cls, student_patch, student_tokens = student(batch.global_crops, batch.mask_indices, batch.masks,
                                                          batch.local_crops)
     teacher_cls, teacher_patch = teacher.cls_logits, teacher.patch_logits
@@ -58,8 +63,7 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, stud
     temp, patch_temp = hp.teacher_temp, hp.patch_teacher_temp
     if cfg.loss.centering == "sinkhorn":
         # Targets as log-probabilities: centre 0 and temperature 1 reproduce them exactly in the kernel.
-        teacher_cls = sinkhorn_log_targets(teacher_cls, temp, all_reduce=all_reduce_sum)
-        teacher_patch = sinkhorn_log_targets(teacher_patch, patch_temp, all_reduce=all_reduce_sum)
+        teacher_cls, teacher_patch = targets if targets is not None else sinkhorn_targets(teacher, hp)
         cls_center, patch_center = torch.zeros_like(cls_center), torch.zeros_like(patch_center)
         temp = patch_temp = 1.0
     losses = ibot_loss(
@@ -77,17 +81,85 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, stud
     return ForwardOutput(losses, teacher, stats)
 
 
-def train_step(t: Trainer, batch: Batch, hp: Hyperparams, amp_dtype: torch.dtype | None,
+def sinkhorn_targets(teacher: TeacherOutput, hp: Hyperparams) -> tuple[Tensor, Tensor]:
+    """Sinkhorn-Knopp log-targets (cls, patch) of the teacher outputs, over every rank's rows."""
+    return (sinkhorn_log_targets(teacher.cls_logits, hp.teacher_temp, all_reduce=all_reduce_sum),
+            sinkhorn_log_targets(teacher.patch_logits, hp.patch_teacher_temp, all_reduce=all_reduce_sum))
+
+
+def _joined(teachers: list[TeacherOutput]) -> TeacherOutput:
+    """The teacher outputs of several micro-batches as those of their concatenation (what the centres need)."""
+    if len(teachers) == 1:
+        return teachers[0]
+    return TeacherOutput(
+        cls_logits=torch.cat([t.cls_logits for t in teachers]),
+        patch_logits=torch.cat([t.patch_logits for t in teachers]),
+        patch_sum=torch.stack([t.patch_sum for t in teachers]).sum(0),
+        patch_count=sum(t.patch_count for t in teachers),
+        cls_tokens=torch.cat([t.cls_tokens for t in teachers]),
+    )
+
+
+@contextlib.contextmanager
+def _gradient_sync(student: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip DDP's all-reduce / FSDP2's reduce-scatter of the gradients unless `sync` (the last micro-batch)."""
+    if sync:
+        yield
+    elif isinstance(student, DistributedDataParallel):
+        with student.no_sync():
+            yield
+    elif hasattr(student, "set_requires_gradient_sync"):  # FSDP2 (fully_shard) modules
+        student.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            student.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtype: torch.dtype | None,
                ema_pairs: tuple[list[Tensor], list[Tensor]], params: list[Tensor],
                health: bool = False) -> tuple[IBOTLoss, Tensor, Tensor | None]:
-    """One optimizer step; returns the losses, the gradient norm and (with `health`: logging steps) the
-    training-health metrics, all device tensors: nothing here waits for the device."""
+    """One optimizer step, over one batch or over the `train.accum_steps` micro-batches of a list; returns the
+    losses, the gradient norm and (with `health`: logging steps) the training-health metrics, all device tensors:
+    nothing here waits for the device.
+
+    Gradient accumulation is the step on the concatenated batch: each micro-batch's loss (a mean over its images)
+    is scaled by 1 / N, so the summed gradient is that of the big batch's mean; the losses use the centres from
+    before the step and the centres move once, by the whole batch's teacher outputs; Sinkhorn-Knopp targets are
+    computed over every micro-batch's teacher outputs at once; the gradients are synchronised over ranks only on
+    the last micro-batch; clipping, the optimizer, the EMA and the logged losses follow the big batch. Not exact:
+    KoLeo (its nearest neighbours are searched within each micro-batch), stochastic depth (its draws follow the
+    micro-batches) and DINOv2 masks (drawn per batch); the health metrics are the last micro-batch's."""
     cfg, model = t.cfg, t.model
+    batches = batch if isinstance(batch, list) else [batch]
+    n = len(batches)
     apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay)
     amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with amp:  # the DDP / FSDP wrapper runs the student
-        losses, teacher, stats = forward_losses(model, batch, hp, cfg, student=t.student, health=health)
-    t.scaler.scale(losses.total).backward()
+    teachers: list[TeacherOutput | None] = [None] * n
+    targets: list[tuple[Tensor, Tensor] | None] = [None] * n
+    if cfg.loss.centering == "sinkhorn" and n > 1:  # the targets need the whole batch's teacher outputs first
+        with amp:
+            teachers = [model.teacher_forward(b.global_crops, b.mask_indices) for b in batches]
+        cls_targets, patch_targets = sinkhorn_targets(_joined(teachers), hp)
+        targets = list(zip(cls_targets.split([tt.cls_logits.shape[0] for tt in teachers]),
+                           patch_targets.split([tt.patch_logits.shape[0] for tt in teachers]), strict=True))
+    parts, used = [], []
+    for i, micro in enumerate(batches):
+        last = i == n - 1
+        with _gradient_sync(t.student, sync=last):
+            with amp:  # the DDP / FSDP wrapper runs the student
+                out = forward_losses(model, micro, hp, cfg, student=t.student, health=health and last,
+                                     teacher=teachers[i], targets=targets[i])
+            t.scaler.scale(out.losses.total / n if n > 1 else out.losses.total).backward()
+        parts.append(out.losses)
+        # What the centres need (cls logits, patch sum and count); the patch logits are let go early.
+        used.append(out.teacher if n == 1 else out.teacher._replace(patch_logits=out.teacher.patch_logits[:0]))
+    stats = out.health
+    losses = parts[0] if n == 1 else IBOTLoss(*(
+        None if field[0] is None else torch.stack([x.detach() for x in field]).mean() for field in zip(*parts)))
+    teacher = _joined(used)
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
     t.scaler.unscale_(t.optimizer)

@@ -109,7 +109,7 @@ def guarded_steps(cfg: Config, env: DistEnv, steps: int = 3, cuda_sync_debug: bo
     data = iter(t.data)
     try:
         for step in range(steps):
-            hp = hyperparams_at(step, cfg, t.total_steps, t.data.steps_per_epoch, env.world_size)
+            hp = hyperparams_at(step, cfg, t.total_steps, t.steps_per_epoch, env.world_size)
             batch = next(data).to(env.device)
             if cuda_sync_debug:
                 torch.cuda.set_sync_debug_mode("error")

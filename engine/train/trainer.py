@@ -34,6 +34,11 @@ class Trainer:
     total_steps: int
     step: int = 0  # its checkpoint state: engine/train/state.py
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the stream's batches per epoch over `train.accum_steps`."""
+        return self.data.steps_per_epoch // self.cfg.train.accum_steps
+
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     check_strategy(cfg, env)
@@ -45,6 +50,9 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
         cfg.data, cfg.mask, batch_size=cfg.train.batch_size, patch_size=cfg.model.patch_size, seed=cfg.train.seed,
         rank=env.rank, world_size=env.world_size, device=env.device,
     )
+    if data.steps_per_epoch < cfg.train.accum_steps:
+        raise ValueError(f"train.accum_steps={cfg.train.accum_steps} is more than the {data.steps_per_epoch} batches "
+                         "of an epoch; lower it or train.batch_size")
     model = IBOT(cfg.model, cfg.loss).to(env.device)
     apply_train_options(model, cfg.train)  # activation checkpointing, compile: before the DDP / FSDP2 wrap
     student = apply_strategy(model, cfg, env)  # engine/train/parallel.py: none, DDP or FSDP2 (teacher too)
@@ -53,5 +61,5 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     return Trainer(
         cfg=cfg, env=env, model=model, student=student, optimizer=optimizer, scaler=scaler, data=data,
         checkpointer=ShardedCheckpointer(cfg.run.dir, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save),
-        total_steps=total_steps_for(cfg, data.steps_per_epoch),
+        total_steps=total_steps_for(cfg, data.steps_per_epoch // cfg.train.accum_steps),
     )
