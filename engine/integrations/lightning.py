@@ -18,8 +18,10 @@ steps; then the teacher EMA runs once, after the optimizer step (`optimizer_step
 What comes from the config and what from the Trainer:
 * The run length (`train.steps`, or `train.epochs` of the dataset) defines the schedules; the module stops the
   Trainer there (`max_steps` may stop it earlier). Gradient clipping is the config's: `Trainer(gradient_clip_val=...)`
-  is refused. Gradient accumulation is refused here (centres and Sinkhorn-Knopp targets need the whole batch); our
-  own loop has it exactly (`train.accum_steps`).
+  is refused. Gradient accumulation: `Trainer(accumulate_grad_batches=N)` with `train.accum_steps=N` (the config's
+  value sets the global batch, hence the learning rate), exactly as our loop with EMA centres (they move once per
+  optimizer step, by every micro-batch's teacher outputs); refused with Sinkhorn-Knopp targets, which need every
+  micro-batch's teacher outputs before the first student pass. The logged losses are each micro-batch's.
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
   The objective and the centres are fp32 in every mode. `train.compile` and `train.activation_checkpointing` are
   applied as in our loop (`engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
@@ -57,7 +59,7 @@ from engine.health import HEALTH_KEYS, NonFiniteLossError
 from engine.model.ibot import IBOT, TeacherOutput, apply_train_options
 from engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from engine.train.schedules import Hyperparams, hyperparams_at, total_steps_for
-from engine.train.step import forward_losses
+from engine.train.step import forward_losses, joined_teacher_outputs
 from kernels import ema_update_
 
 __all__ = ["IBOTDataModule", "IBOTLightningModule"]
@@ -89,6 +91,8 @@ class IBOTLightningModule(L.LightningModule):
         self.total_steps = 0
         self._hp: Hyperparams | None = None
         self._teacher: TeacherOutput | None = None
+        self._window: list[TeacherOutput] = []  # the teacher outputs of this optimizer step's micro-batches
+        self._last_micro = True
         self._ema_pairs: tuple[list[Tensor], list[Tensor]] | None = None
         self._params: list[Tensor] = []
         self._nonfinite: Tensor | None = None
@@ -106,12 +110,17 @@ class IBOTLightningModule(L.LightningModule):
                 f"Trainer(gradient_clip_val={t.gradient_clip_val}) is not used by IBOTLightningModule: set the "
                 "config keys optim.clip_grad / optim.clip_mode instead"
             )
-        if t.accumulate_grad_batches != 1 or self.cfg.train.accum_steps != 1:
+        if t.accumulate_grad_batches != self.cfg.train.accum_steps:
             raise ValueError(
-                f"Trainer(accumulate_grad_batches={t.accumulate_grad_batches}) / train.accum_steps="
-                f"{self.cfg.train.accum_steps}: gradient accumulation is not supported in the Lightning module yet "
-                "(iBOT's centres and Sinkhorn-Knopp targets need the whole batch); `ibot train` has it exactly "
-                "(train.accum_steps), or raise train.batch_size or the number of devices"
+                f"Trainer(accumulate_grad_batches={t.accumulate_grad_batches}) differs from train.accum_steps="
+                f"{self.cfg.train.accum_steps}: set both to the same value (the config's sets the global batch, "
+                "hence the learning rate and the schedules)"
+            )
+        if t.accumulate_grad_batches > 1 and self.cfg.loss.centering == "sinkhorn":
+            raise ValueError(
+                "loss.centering=sinkhorn with gradient accumulation needs every micro-batch's teacher outputs before "
+                "the first student pass, which Lightning's per-batch training_step cannot see: use `ibot train` "
+                "(train.accum_steps), loss.centering=center, or no accumulation"
             )
 
     def on_train_start(self) -> None:
@@ -121,7 +130,7 @@ class IBOTLightningModule(L.LightningModule):
                 "IBOTLightningModule needs a finite per-epoch train loader (its length is the epoch of the "
                 "schedules): use IBOTDataModule or engine.data.dataloader.build_train_loader"
             )
-        self.steps_per_epoch = int(steps)
+        self.steps_per_epoch = math.ceil(steps / self.trainer.accumulate_grad_batches)  # optimizer steps
         self.total_steps = total_steps_for(self.cfg, self.steps_per_epoch)
         if self.trainer.max_steps > self.total_steps:
             rank_zero_warn(f"Trainer(max_steps={self.trainer.max_steps}) is past the end of the schedules "
@@ -151,6 +160,9 @@ class IBOTLightningModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         hp = self._hp if self._hp is not None else self.hyperparams(self.global_step)
         log_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # the steps Lightning logs
+        # With accumulation Lightning steps after every accumulate_grad_batches-th batch and after an epoch's last.
+        self._last_micro = ((batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+                            or batch_idx + 1 == self.trainer.num_training_batches)
         losses, self._teacher, health = forward_losses(self.model, batch, hp, self.cfg, health=log_step)
         self._nonfinite |= ~torch.isfinite(losses.total.detach())  # read at checkpoint and at the end (no sync)
         # Means over ranks, one collective; device tensors, which Lightning reads back only when it logs.
@@ -169,8 +181,13 @@ class IBOTLightningModule(L.LightningModule):
         return losses.total
 
     def on_after_backward(self) -> None:
+        # The centres move once per optimizer step, by the teacher outputs of all its micro-batches (gradient
+        # accumulation: every micro-batch's loss used the centres from before the step). Patch logits are let go.
         if self.cfg.loss.centering == "center" and self._teacher is not None:
-            self.model.update_centers(self._teacher, all_reduce_sum)  # after the loss used the previous centres
+            self._window.append(self._teacher._replace(patch_logits=self._teacher.patch_logits[:0]))
+            if self._last_micro:
+                self.model.update_centers(joined_teacher_outputs(self._window), all_reduce_sum)
+                self._window = []
         self._teacher = None
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,

@@ -87,7 +87,7 @@ def sinkhorn_targets(teacher: TeacherOutput, hp: Hyperparams) -> tuple[Tensor, T
             sinkhorn_log_targets(teacher.patch_logits, hp.patch_teacher_temp, all_reduce=all_reduce_sum))
 
 
-def _joined(teachers: list[TeacherOutput]) -> TeacherOutput:
+def joined_teacher_outputs(teachers: list[TeacherOutput]) -> TeacherOutput:
     """The teacher outputs of several micro-batches as those of their concatenation (what the centres need)."""
     if len(teachers) == 1:
         return teachers[0]
@@ -142,7 +142,7 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     if cfg.loss.centering == "sinkhorn" and n > 1:  # the targets need the whole batch's teacher outputs first
         with amp:
             teachers = [model.teacher_forward(b.global_crops, b.mask_indices) for b in batches]
-        cls_targets, patch_targets = sinkhorn_targets(_joined(teachers), hp)
+        cls_targets, patch_targets = sinkhorn_targets(joined_teacher_outputs(teachers), hp)
         targets = list(zip(cls_targets.split([tt.cls_logits.shape[0] for tt in teachers]),
                            patch_targets.split([tt.patch_logits.shape[0] for tt in teachers]), strict=True))
     parts, used = [], []
@@ -159,7 +159,7 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     stats = out.health
     losses = parts[0] if n == 1 else IBOTLoss(*(
         None if field[0] is None else torch.stack([x.detach() for x in field]).mean() for field in zip(*parts)))
-    teacher = _joined(used)
+    teacher = joined_teacher_outputs(used)
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
     t.scaler.unscale_(t.optimizer)

@@ -175,3 +175,20 @@ def test_lightning_bf16_mixed_runs():
     module, losses = fit_lightning(_cfg("train.steps=2"), precision="bf16-mixed")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert module.model.cls_center.dtype == torch.float32 and module.model.cls_center.abs().sum() > 0
+
+
+def test_lightning_accumulation_equals_our_loop_on_the_whole_batch(tmp_path):
+    """Trainer(accumulate_grad_batches=4) with train.accum_steps=4 and batch 2 is our loop's step on batch 8: the
+    centres move once per optimizer step, the schedules count optimizer steps (drop path off: its draws follow the
+    micro-batches; KoLeo off: its neighbours are searched within each micro-batch)."""
+    run = ("data.builtin_size=24", "train.steps=4", "optim.freeze_last_layer_epochs=1", "model.drop_path=0")
+    _, state = run_ours(tmp_path / "ours", *run)  # train.batch_size=8: 3 steps per epoch
+    module, _ = fit_lightning(_cfg(*run, "train.batch_size=2", "train.accum_steps=4"), accumulate_grad_batches=4)
+    assert module.steps_per_epoch == 3 and module.global_step == 4
+    mine = module.model.state_dict()
+    for key in state:
+        if key.startswith("teacher.") or key.endswith("_center"):
+            torch.testing.assert_close(mine[key], state[key], atol=1e-5, rtol=0, msg=key)
+    with pytest.raises(ValueError, match=r"sinkhorn"):
+        fit_lightning(_cfg(*run, "train.batch_size=2", "train.accum_steps=4", "loss.centering=sinkhorn"),
+                      accumulate_grad_batches=4)
