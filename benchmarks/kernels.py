@@ -7,8 +7,9 @@ Reported per row: median ms (20th-80th percentile), achieved GB/s over the bytes
 the measured copy bandwidth, the bandwidth floor (those bytes over the copy bandwidth) and the time as a multiple
 of it, the peak memory one call allocates beyond its inputs (CUDA), and for the EMA the host time of one call (its
 per-step table lookup and launches; CUDA), apart from the device time. Each op is called as the training step calls
-it (the loss with Python-float temperatures, filled on the device without a host copy). Both kernels are memory bound, so the floor
-is the yardstick (Triton tutorials report GB/s for the same reason). Compare numbers only within one report.
+it (the loss with Python-float temperatures, filled on the device without a host copy). Both kernels are memory
+bound, so the floor is the yardstick (Triton tutorials report GB/s for the same reason). Compare numbers only within
+one report.
 
 Bytes that must move, E bytes per element:
   CE fwd        read student + teacher                          2MK E
