@@ -68,7 +68,6 @@ class StreamBase:
         if place.seed < 0:
             raise ValueError(f"train.seed must be >= 0 for the data stream, got {place.seed}")
         assert 0 <= place.rank < place.world_size
-        self.cfg = data_cfg
         self.batch_size = place.batch_size
         self.seed = place.seed
         self.rank = place.rank

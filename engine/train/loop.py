@@ -79,8 +79,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             eval_now = knn is not None and (step % cfg.eval.knn_every == 0 or step == t.total_steps)
             log_now = step % cfg.train.log_every == 0 or step == t.total_steps or eval_now
             save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.total_steps
-            losses, grad_norm, stats = train_step(t, batch if len(batch) > 1 else batch[0], hp, amp_dtype, ema_pairs,
-                                                  params, health=log_now)
+            losses, grad_norm, stats = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=log_now)
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step = step
             meter.interval_steps += 1
