@@ -215,6 +215,7 @@ def _scaler_worker(rank: int, world: int, out_dir: str) -> None:
         scaler.update()
         changed = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters(), strict=True))
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"scale": scaler.get_scale(), "changed": changed}))
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -52,6 +52,7 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
         except HostSyncError as err:
             error = str(err)
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"error": error}))
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
