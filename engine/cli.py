@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from engine.config import ConfigError, load_config
+from engine.preempt import REQUEUE_EXIT_CODE, Preempted
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo_cpu.yaml"
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ibot: config error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stopped:  # a stop signal: checkpoint written, the launcher may requeue (exit code 75)
+        print(f"ibot: {stopped}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except (ValueError, FileNotFoundError) as err:
         print(f"ibot: error: {err}", file=sys.stderr)
         return 2

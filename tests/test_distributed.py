@@ -42,6 +42,9 @@ STEPS = 6
 BASE = [*TINY_OVERRIDES, "model.drop_path=0", "optim.lr=0.05", f"train.steps={STEPS}", "checkpoint.every=3",
         "loss.koleo_weight=0.1"]
 KEYS = ("loss", "loss_cls", "loss_patch", "loss_koleo", "grad_norm")
+# The stop-signal runs: long enough to signal mid-run; a DataLoader worker per rank (SLURM signals it as well).
+LONG_STEPS = 24
+LONG = (f"train.steps={LONG_STEPS}", "checkpoint.every=10", "data.num_workers=1")
 
 
 def _env() -> dict[str, str]:
@@ -104,14 +107,14 @@ def _assert_losses_match(a: list[dict], b: list[dict], steps: range, rel: float 
             assert abs(x - y) <= rel * abs(y), f"step {step} {key}: {x} vs {y}"
 
 
-def _teacher(run_dir: Path) -> dict[str, torch.Tensor]:
+def _teacher(run_dir: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
     state = load_consolidated(run_dir)
-    assert state["step"] == STEPS
+    assert state["step"] == steps
     return {k: v for k, v in state["model"].items() if k.startswith("teacher.")}
 
 
-def _assert_same_teacher(a: Path, b: Path) -> None:
-    ta, tb = _teacher(a), _teacher(b)
+def _assert_same_teacher(a: Path, b: Path, steps: int = STEPS) -> None:
+    ta, tb = _teacher(a, steps), _teacher(b, steps)
     assert ta.keys() == tb.keys() and len(ta) > 10
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -134,6 +137,8 @@ class Runs:
                        nproc=2)
             elif name == "fsdp":
                 _train(run_dir, "train.batch_size=4", "distributed.strategy=fsdp", nproc=2)
+            elif name == "ddp_long":  # the uninterrupted run the stop-signal runs must equal
+                _train(run_dir, "train.batch_size=4", "distributed.strategy=ddp", *LONG, nproc=2)
             else:
                 raise KeyError(name)
             self.done[name] = run_dir
@@ -427,6 +432,49 @@ def test_kill_9_of_one_rank_restarts_and_finishes_like_an_uninterrupted_run(runs
     _assert_same_teacher(run_dir, runs.get("ddp"))
 
 
+def _wait_for_step(run_dir: Path, step: int, running, timeout: float = 300) -> None:
+    """Until the run at `run_dir` has logged `step` (`running()` says whether its launcher is still there)."""
+    deadline, metrics = time.time() + timeout, run_dir / "metrics.jsonl"
+    while not (metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir))):
+        assert running(), f"the run ended before step {step}"
+        assert time.time() < deadline, f"no step {step} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _assert_stopped_once_and_resumed(run_dir: Path, signal_name: str, reference: Path) -> None:
+    """One stop record (a checkpoint mid-run), then the resumed run: the whole metrics file equals `reference`."""
+    records = read_metrics(run_dir)
+    stops = [r for r in records if "preempted" in r]
+    assert len(stops) == 1 and 2 <= stops[0]["step"] < LONG_STEPS, stops
+    assert stops[0]["preempted"]["signal"] == signal_name
+    assert stops[0]["preempted"]["checkpoint"].endswith(f"step_{stops[0]['step']:08d}")
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == list(range(1, LONG_STEPS + 1))  # nothing lost or repeated
+    _assert_losses_match(losses, read_metrics(reference), range(1, LONG_STEPS + 1))
+    _assert_same_teacher(run_dir, reference, LONG_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_the_torchrun_agent_checkpoints_and_the_rerun_equals_an_uninterrupted_run(runs, tmp_path):
+    run_dir = tmp_path / "stopped"
+    args = ["train", *BASE, f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=ddp", *LONG]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine", *args]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 2, lambda: agent.poll() is None)
+        agent.send_signal(signal.SIGTERM)  # the agent only: it passes the signal on to its workers
+        out = agent.communicate(timeout=120)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode != 0 and out.count("ibot: stopped on SIGTERM after step") == 2, out[-4000:]
+    out = _run_session(cmd, _env(), 400)  # the same command again
+    assert "resumed from" in out
+    _assert_stopped_once_and_resumed(run_dir, "SIGTERM", runs.get("ddp_long"))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_node_torchrun_with_c10d_rendezvous_on_localhost(runs, tmp_path):
@@ -487,17 +535,36 @@ def slurm_cluster():
         assert down.returncode == 0, down.stdout + down.stderr
 
 
-def _sbatch_and_wait(args: list[str], env: dict[str, str], timeout: float = 400) -> tuple[str, str]:
-    jid = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout.strip().split(";")[0]
-    deadline = time.time() + timeout
-    while subprocess.run(["squeue", "-h", "-j", jid], capture_output=True, text=True).stdout.strip():
+def _sbatch(args: list[str], env: dict[str, str]) -> str:
+    return subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True).stdout.strip().split(";")[0]
+
+
+def _job_state(jid: str) -> str:
+    """`STATE REASON` of a job in the queue ('' once it has left it)."""
+    return subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T %r"], capture_output=True, text=True).stdout.strip()
+
+
+def _wait_for_job(jid: str, timeout: float = 400) -> str:
+    """Until the job leaves the queue; returns `scontrol show job`. SLURM holds a requeued job for about two minutes
+    (reason BeginTime) before it may start again: released here at once, the cluster being ours."""
+    deadline, held_since = time.time() + timeout, None
+    while state := _job_state(jid):
         if time.time() > deadline:
             subprocess.run(["scancel", jid])
             pytest.fail(f"SLURM job {jid} still queued or running after {timeout} s")
+        held_since = (held_since or time.time()) if state == "PENDING BeginTime" else None
+        # Not at once: a start in the same second as the requeue fails ("Job credential revoked").
+        if held_since is not None and time.time() - held_since > 5:
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+            held_since = None
         time.sleep(0.5)
-    info = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, check=True).stdout
-    return jid, info
+    return subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, check=True).stdout
+
+
+def _sbatch_and_wait(args: list[str], env: dict[str, str], timeout: float = 400) -> tuple[str, str]:
+    jid = _sbatch(args, env)
+    return jid, _wait_for_job(jid, timeout)
 
 
 @pytest.mark.slow
@@ -517,3 +584,22 @@ def test_slurm_sbatch_two_ranks(slurm_cluster, runs, tmp_path, launcher):
     assert [r["loss"] for r in rank0] == [r["loss"] for r in rank1]  # both ranks logged the same (reduced) losses
     _assert_losses_match(rank0, read_metrics(runs.get("ddp")), range(1, STEPS + 1))
 
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_resumes(slurm_cluster, runs, tmp_path,
+                                                                               launcher):
+    """`scancel --signal=USR1 --batch`: what `#SBATCH --signal=B:USR1@N` sends N seconds before the time limit."""
+    run_dir, log = tmp_path / "slurm", tmp_path / "job.out"
+    env = {**_env(), "PYTHON": PY, "IBOT_LAUNCHER": launcher, "IBOT_NPROC_PER_NODE": "2"}  # IBOT_REQUEUE: default 1
+    tasks = ["--ntasks=2"] if launcher == "srun" else ["--ntasks=1", "--cpus-per-task=2"]
+    jid = _sbatch([*tasks, f"--output={log}", "--time=00:10:00", str(ROOT / "launch" / "slurm.sbatch"), *BASE,
+                   f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=ddp", *LONG], env)
+    _wait_for_step(run_dir, 2, lambda: bool(_job_state(jid)))  # queued or running
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
+    info = _wait_for_job(jid)
+    out = log.read_text() if log.exists() else ""
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info and "Restarts=1" in info, f"{info}\n{out[-4000:]}"
+    assert f"requeueing job {jid}" in out and "resumed from" in out, out[-4000:]
+    _assert_stopped_once_and_resumed(run_dir, "SIGUSR1" if launcher == "srun" else "SIGTERM", runs.get("ddp_long"))

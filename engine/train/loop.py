@@ -3,7 +3,9 @@
 The loop reads top to bottom: schedules -> `train_step` -> log (the only host syncs) -> checkpoint. A non-finite
 loss is accumulated into a device flag every step (no sync) and read at log and checkpoint boundaries, before any
 checkpoint of that state is written: the run rolls back to the last good checkpoint and skips the batches that led
-there (`train.on_nonfinite=rollback`, at most `train.max_rollbacks` times), or stops with a clear error.
+there (`train.on_nonfinite=rollback`, at most `train.max_rollbacks` times), or stops with a clear error. A stop
+signal (SIGTERM, SIGUSR1: engine/preempt.py) ends the run after a step all ranks agree on, with a checkpoint of it,
+and `Preempted` (exit code 75: requeue me).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
 from engine.logging import MetricLogger, setup_logging
 from engine.objective import IBOTLoss
 from engine.precision import autocast_dtype
+from engine.preempt import Preempted, StopSignal
 from engine.train.schedules import Hyperparams, hyperparams_at, peak_lr
 from engine.train.state import data_state, restore_training_state, training_state
 from engine.train.step import train_step
@@ -70,6 +73,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         metrics.log({"step": 0, **_teacher_knn(t, knn, first=True)}, eta_s=0.0)
         meter.restart()
     data_iter, rollbacks = iter(t.data), 0
+    stop = StopSignal(env.world_size)  # SIGTERM / SIGUSR1 from here on: checkpoint at a step boundary, then stop
     try:
         while t.step < t.total_steps:
             hp = hyperparams_at(t.step, cfg, t.total_steps, t.steps_per_epoch, env.world_size)
@@ -83,6 +87,9 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
             nonfinite |= ~torch.isfinite(losses.total.detach())
             t.step = step
             meter.interval_steps += 1
+            # Every rank, every step (a CPU collective, no host sync); the last step ends the run anyway.
+            stop_now = stop.should_stop() and step < t.total_steps
+            save_now = save_now or stop_now
             if (log_now or save_now) and _nonfinite_on_any_rank(nonfinite):  # host sync: these steps only
                 _roll_back(t, run_dir, metrics, rollbacks)  # or raise NonFiniteLossError
                 data_iter, rollbacks = iter(t.data), rollbacks + 1
@@ -95,9 +102,12 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 _log_step(t, last, now, detector, metrics, meter, run_dir)
             if save_now:  # every rank writes its shards; `latest` moves once the save is complete (async: later)
                 meta = {"config": config_to_dict(cfg), "data": data_state(t)}
-                t.checkpointer.save(t.step, training_state(t), meta)
+                saved = t.checkpointer.save(t.step, training_state(t), meta)
+            if stop_now:
+                _stop_for_requeue(t, stop, saved, metrics)  # raises Preempted
         t.checkpointer.wait()
     finally:
+        stop.close()
         metrics.close()
     if last and math.isfinite(last["loss"]):
         log.info("done: %d steps, final loss %.4f", t.step, last["loss"])
@@ -188,6 +198,17 @@ def _roll_back(t: Trainer, run_dir: Path, metrics: MetricLogger, rollbacks: int)
                 "(rollback %d of at most %d)", failed_step, good, t.step, skipped, rollbacks + 1, cfg.max_rollbacks)
     metrics.log({"step": t.step, "rollback": {"failed_step": failed_step, "checkpoint": str(good),
                                               "skipped_batches": skipped, "count": rollbacks + 1}}, eta_s=0.0)
+
+
+def _stop_for_requeue(t: Trainer, stop: StopSignal, saved: Path, metrics: MetricLogger) -> None:
+    """After a stop signal (every rank, same step): let the checkpoint of this step finish, record the stop in the
+    metrics (kept on resume, which truncates past this step) and raise `Preempted`."""
+    t.checkpointer.wait()  # an async save must be complete before the process exits
+    log.warning("stopped on %s after step %d of %d: resume from %s (same command; checkpoint.resume=auto)",
+                stop.signal_name, t.step, t.total_steps, saved)
+    metrics.log({"step": t.step, "preempted": {"signal": stop.signal_name, "checkpoint": str(saved)}}, eta_s=0.0)
+    stop.ignore_further_signals()  # this process exits next, with code 75 whatever else is sent to it
+    raise Preempted(t.step, stop.signal_name, str(saved))
 
 
 def _teacher_knn(t: Trainer, knn: KnnEvaluator, first: bool = False) -> dict[str, float]:

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engine.config import Config
 from engine.distributed import DistEnv
 from engine.precision import autocast_dtype
+from engine.preempt import StopSignal
 from engine.train.schedules import hyperparams_at
 from engine.train.step import train_step
 from engine.train.trainer import build_trainer
@@ -107,6 +108,7 @@ def guarded_steps(cfg: Config, env: DistEnv, steps: int = 3, cuda_sync_debug: bo
     params = [p for p in t.model.student.parameters() if p.requires_grad]
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     data = iter(t.data)
+    stop = StopSignal(env.world_size)  # the loop's stop-signal agreement runs under the guard too
     try:
         for step in range(steps):
             hp = hyperparams_at(step, cfg, t.total_steps, t.steps_per_epoch, env.world_size)
@@ -116,10 +118,12 @@ def guarded_steps(cfg: Config, env: DistEnv, steps: int = 3, cuda_sync_debug: bo
             try:
                 with HostSyncGuard():
                     losses, _, _ = train_step(t, batch, hp, amp_dtype, ema_pairs, params, health=step == 1)
+                    stop.should_stop()
             finally:
                 if cuda_sync_debug:
                     torch.cuda.set_sync_debug_mode("default")
             t.step = step + 1
         return float(losses.total)
     finally:
+        stop.close()
         t.data.close()

@@ -43,6 +43,7 @@ from engine.data.contract import StreamBase, StreamPlace
 from engine.data.masking import seeded_rng
 from engine.data.shards.resolve import IMAGE_KEYS, ShardSet, assign_shards, check_local_shards, key_hash, resolve_shards
 from engine.distributed import is_distributed
+from engine.preempt import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ class ShardStream(StreamBase):
         dataset = ShardSamples(self, self.epoch, self.batch, list(self.cursors))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
         )
         return iter(loader)
 
