@@ -102,9 +102,10 @@ def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
-    """Blend with the grey image (ITU-R 601-2 luma)."""
+    """Blend with the grey image (ITU-R 601-2 luma). OpenCV rounds to nearest where PIL truncates: the offset
+    -0.499 makes it truncate too (but for sums within 0.001 below an integer), so the mean level is PIL's."""
     grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(image, factor, grey, 1.0 - factor, 0.0)
+    return cv2.addWeighted(image, factor, grey, 1.0 - factor, -0.499)
 
 
 def adjust_hue(image: np.ndarray, factor: float) -> np.ndarray:
