@@ -79,8 +79,13 @@ class Sample(NamedTuple):
     key: SampleKey
 
 
-def _as_float(crops: Tensor) -> Tensor:
-    return normalise(crops) if crops.dtype == torch.uint8 else crops
+def _stack(views: list[Tensor]) -> Tensor:
+    """[N, 3, H, W] float32 of N views: uint8 ones normalised, float ones (already normalised) as they are."""
+    if views[0].dtype != torch.uint8:
+        return torch.stack(views)
+    # uint8 views are [3, H, W] views of HWC arrays (transforms.py): stacking them as HWC is a plain copy, and the
+    # cast to float32 then writes CHW in one pass (stacking CHW first, a strided gather, costs ~20% more).
+    return normalise(torch.stack([v.permute(1, 2, 0) for v in views]).permute(0, 3, 1, 2))
 
 
 class MultiCropCollate:
@@ -120,10 +125,9 @@ class MultiCropCollate:
         num_views = len(samples[0].views)
         # One stack straight into view-major order: stacking per view and concatenating copies twice, and
         # these are the largest host buffers of the run (~150 MB at B = 64, 2 x 224 + 10 x 96).
-        global_crops = _as_float(torch.stack([s.views[v] for v in range(self.num_global) for s in samples]))
+        global_crops = _stack([s.views[v] for v in range(self.num_global) for s in samples])
         if num_views > self.num_global:
-            local_crops = _as_float(
-                torch.stack([s.views[v] for v in range(self.num_global, num_views) for s in samples]))
+            local_crops = _stack([s.views[v] for v in range(self.num_global, num_views) for s in samples])
         else:
             local_crops = global_crops.new_empty((0, 3, self.local_size, self.local_size))
         masks, mask_indices = self.masks(samples)

@@ -33,7 +33,6 @@ contiguous); `normalise` turns a stack of them into ImageNet-normalised float32.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,6 +55,11 @@ from engine.data.views import (
     P_SOLARIZE,
     view_param_rows,
 )
+
+try:
+    import cv2
+except ImportError:  # a dependency (pyproject), but an image without it must still import the engine and run
+    cv2 = None  # data.augment=gpu (the GPU device's image has no OpenCV); MultiCropTransform then says what to do
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,6 +187,9 @@ class MultiCropTransform:
         self.sizes = [cfg.global_size] * cfg.num_global + [cfg.local_size] * cfg.num_local
 
     def __call__(self, image: Image.Image | Tensor, seed: int) -> list[Tensor]:
+        if cv2 is None:
+            raise ImportError("data.augment=cpu needs OpenCV: pip install opencv-python-headless (a dependency of "
+                              "ibot-engine), or train with data.augment=gpu")
         # One thread per process: the dataloader runs one worker per core (torch sets its own threads to 1 there),
         # and OpenCV's thread pool would only oversubscribe the cores. A process-wide setting, cheap to repeat.
         cv2.setNumThreads(1)

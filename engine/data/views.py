@@ -5,11 +5,13 @@ The official iBOT recipe (`DataAugmentationiBOT` in bytedance/ibot `main_ibot.py
 tries and centre-crop fallback of torchvision's `RandomResizedCrop.get_params`), flip p=0.5, ColorJitter(0.4, 0.4,
 0.2, 0.1) p=0.8 with its four factors (brightness, contrast ~ U(0.6, 1.4), saturation ~ U(0.8, 1.2), hue ~
 U(-0.1, 0.1)) applied in a uniformly random order, grayscale p=0.2, Gaussian blur with sigma ~ U(0.1, 2) at p=1.0 /
-0.1 / 0.5 for global view 1 / global view 2 / locals, solarize (threshold 128) p=0.2 on global view 2. The laws
-are written out here on explicit uniforms rather than read from torchvision's sampler, which draws from the global
-generator one number at a time (12 views cost 2.8 ms per image that way, 0.2 ms here);
-tests/data/test_cpu_aug.py checks them against torchvision's own draws. The CPU augmenter (transforms.py) applies these parameters to uint8 arrays in the workers, the GPU
-augmenter (gpu_aug.py) to batches on the device.
+0.1 / 0.5 for global view 1 / global view 2 / locals, solarize (threshold 128) p=0.2 on global view 2. The CPU
+augmenter (transforms.py) applies these parameters to uint8 arrays in the workers, the GPU augmenter (gpu_aug.py)
+to batches on the device.
+
+The laws are written out here on explicit uniforms rather than taken from torchvision's sampler, which draws from
+the global generator one number at a time (12 views cost 2.8 ms per image that way, ~0.1 ms here);
+tests/data/test_cpu_aug.py checks them against torchvision's own draws and the official laws.
 
 Parameter layout: `draw_view_params` returns a [V, NUM_PARAMS] float32 tensor per sample (V = G + L views);
 columns are named by the P_* constants below.

@@ -16,6 +16,9 @@ random images with a little noise (photograph-like: most energy at low frequenci
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +247,23 @@ def test_params_depend_on_the_seed_alone() -> None:
     V.draw_view_params(375, 500, cfg, seed=3)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is neither read nor advanced
     assert not torch.equal(first, V.draw_view_params(375, 500, cfg, seed=2**63 + 6))
+
+
+def test_without_opencv_the_engine_imports_and_says_what_to_install() -> None:
+    """OpenCV is a dependency, but an image without it (the GPU device's) must still import the engine and run
+    data.augment=gpu; data.augment=cpu then fails on its first image with the fix in the message."""
+    code = (
+        "import sys; sys.modules['cv2'] = None\n"
+        "import engine.data.stream, engine.data.augment\n"
+        "from engine.config import DataConfig\n"
+        "from engine.data.transforms import MultiCropTransform\n"
+        "import torch\n"
+        "try:\n"
+        "    MultiCropTransform(DataConfig())(torch.zeros((40, 40, 3), dtype=torch.uint8), 0)\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pip install opencv-python-headless" in result.stdout and "data.augment=gpu" in result.stdout
