@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 from torch import Tensor
 
@@ -200,8 +201,15 @@ class MultiCropTransform:
 
 
 def normalise(views: Tensor) -> Tensor:
-    """uint8 views [N, 3, H, W] -> float32 (x / 255 - mean) / std, ImageNet statistics (one pass after the cast)."""
-    out = views.to(torch.float32, memory_format=torch.contiguous_format)
+    """uint8 views [N, 3, H, W] (any strides) -> float32 (x / 255 - mean) / std, ImageNet statistics, contiguous.
+
+    In a dataloader worker the result is made in shared memory, where the batch travels to the training process:
+    otherwise the queue copies it there once more (~2.3 MB per image at 2 x 224 + 10 x 96), as torch's
+    `default_collate` also avoids."""
+    out = torch.empty(0)
+    if torch.utils.data.get_worker_info() is not None:
+        out = out.set_(out.untyped_storage()._new_shared(views.numel() * out.element_size()))
+    out = out.resize_(views.shape).copy_(views)
     scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
     return out.mul_(scale).add_(shift)
