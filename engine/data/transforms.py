@@ -4,13 +4,14 @@ Per image: G global crops (`data.global_size`, scale `data.global_scale`) and L 
 `data.local_scale`), each with the official recipe of bytedance/ibot `main_ibot.py: DataAugmentationiBOT`: random
 resized crop (bicubic), flip p=0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 in a random order, grayscale p=0.2,
 Gaussian blur p=1.0 (global view 1) / 0.1 (global view 2) / 0.5 (locals), solarize p=0.2 (global view 2); with
-G > 2 the two global pipelines alternate. The parameters of every view come from `views.draw_view_params`, the same
-law as the GPU augmenter's (and the official code's: torchvision's crop sampler, the same factors and probabilities).
+G > 2 the two global pipelines alternate. The parameters of every view come from `views.view_param_rows`: the
+GPU augmenter's law, and the official code's (torchvision's crop sampler, the same factors and probabilities).
 
 Why not PIL + torchvision.transforms as the official code: that ran at ~30 img/s per core (2 x 224 + 10 x 96).
 Where its time went (one core, 500 x 375 JPEG): the antialiased bicubic resize of each crop (1.7 ms at 224 px,
 0.75 ms at 96 px), the hue shift (2.3 ms at 224 px: PIL's HSV round trip plus numpy copies), the blur, and the
-float conversion of every view. Here the image is decoded once to a uint8 array; each crop is a view of it, resized
+float conversion of every view. Here the image is decoded once, in full, to a uint8 array (shard JPEGs by OpenCV:
+PIL's pixels in half its time; folder images arrive decoded by PIL); each crop is a view of it, resized
 by torch's uint8 antialiased bicubic kernel (PIL's filter, AVX2; 0.66 / 0.14 ms); the colour ops are OpenCV SIMD
 kernels on uint8 (brightness, contrast and solarize are 256-entry lookup tables, saturation a weighted sum with the
 grey image, hue a lookup on the H plane of OpenCV's 8-bit full-range HSV, grayscale `cvtColor`), the blur is
@@ -18,14 +19,15 @@ grey image, hue a lookup on the H plane of OpenCV's 8-bit full-range HSV, graysc
 which converts the whole batch to normalised float32 at once (`normalise`). About 3.5x the official throughput per
 core (benchmarks/results/data_cpu_fastaug_cpu2core_202612.md).
 
-Differences from the official pixels, all within a few uint8 levels (tests/data/test_cpu_aug.py states the bounds):
-the resize rounds like PIL's to within 1 level; OpenCV rounds where PIL truncates (saturation: <= 1 level); the hue
-is quantised to 1/256 of a turn on a 256-level hue circle where PIL uses 255 levels; the blur is a true Gaussian
-where PIL stacks three box blurs.
+Differences from the official pixels (tests/data/test_cpu_aug.py states the bounds): the resize is within 2 levels
+of PIL's (0.01 on average); saturation and grayscale within 1 (OpenCV's fixed-point luma); the hue is quantised to
+1/256 of a turn on OpenCV's 256-level hue circle where PIL uses 255 levels (both lose up to ~15 levels on dark
+saturated pixels in their 8-bit HSV round trips); the blur is a true Gaussian where PIL stacks three box blurs
+(within 1 level on average); flip, brightness, contrast and solarize are exact.
 
-Randomness: all draws are made by `draw_view_params` from the per-sample `seed` (torch's CPU generator, reseeded
-inside `fork_rng`), so a sample's views depend only on (image, seed), not on workers or ranks, and the caller's RNG
-state is left as it was.
+Randomness: all draws are made by `views.view_param_rows` from a `torch.Generator` seeded with the per-sample
+`seed`, so a sample's views depend only on (image, seed), not on workers or ranks, and no global RNG is read or
+changed.
 
 Shapes: a call returns G + L uint8 tensors [3, S, S] (S = global_size, then local_size), views of HWC arrays (not
 contiguous); `normalise` turns a stack of them into ImageNet-normalised float32.
@@ -173,6 +175,18 @@ def rgb_array(image: Image.Image | Tensor) -> Tensor:
     if isinstance(image, Tensor):
         return image
     return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image))
+
+
+def decode_jpeg(data: bytes) -> Tensor | None:
+    """JPEG bytes -> [H, W, 3] uint8 RGB by OpenCV, EXIF orientation ignored (as PIL's `open` does); None when
+    OpenCV is missing or cannot decode them."""
+    if cv2 is None:
+        return None
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    if image is None:
+        return None
+    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image))  # in place
 
 
 class MultiCropTransform:

@@ -267,3 +267,32 @@ def test_without_opencv_the_engine_imports_and_says_what_to_install() -> None:
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pip install opencv-python-headless" in result.stdout and "data.augment=gpu" in result.stdout
+
+
+def test_shard_jpegs_decode_to_pil_s_pixels() -> None:
+    """From shards, complete JPEGs are decoded by OpenCV: the same pixels as PIL's (4:2:0, 4:4:4, grey, an EXIF
+    orientation PIL does not apply); truncated or non-JPEG bytes go to PIL, which raises on truncation."""
+    import io
+
+    from engine.data.augment import CpuAugmenter, _looks_complete_jpeg
+
+    image = Image.fromarray(_smooth_image(3, size=(61, 47)))
+    encoded = []
+    for mode, options in (("RGB", {"subsampling": 2}), ("RGB", {"subsampling": 0}), ("L", {})):
+        buffer = io.BytesIO()
+        image.convert(mode).save(buffer, "JPEG", quality=90, **options)
+        encoded.append(buffer.getvalue())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, exif=exif)
+    encoded.append(buffer.getvalue())
+    for data in encoded:
+        assert _looks_complete_jpeg(data)
+        ours = C.decode_jpeg(data)
+        assert ours is not None
+        assert np.array_equal(ours.numpy(), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    augmenter = CpuAugmenter(DataConfig(global_size=32, local_size=16, num_local=1), collate=None)  # type: ignore[arg-type]
+    assert [v.shape for v in augmenter.from_bytes(encoded[0], seed=0)] == [(3, 32, 32)] * 2 + [(3, 16, 16)]
+    with pytest.raises(OSError):
+        augmenter.from_bytes(encoded[0][: len(encoded[0]) // 2], seed=0)
