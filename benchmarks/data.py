@@ -19,7 +19,10 @@ resampled); the first `--warmup` batches (worker start-up) are not timed.
 img/s per core = img/s / max(1, workers). With workers >= 1 the workers do all the data work and the training
 process only receives batches, so a core is a worker; with 0 workers the training process does all of it in one
 thread (this script sets torch, and the augmenters set OpenCV, to one thread), so it counts as one core. The
-"cores for 1,850 img/s" column divides the project's goal for one H100 (a ViT-S/16 step) by img/s per core.
+"cores for 1,850 img/s" column divides the project's goal for one H100 (a ViT-S/16 step) by img/s per core. On a
+shared machine other processes take turns on the same cores, so each row also gives images per CPU-second: images
+over the CPU time (user + system, from /proc) that the training process and its workers used in the timed window,
+which the neighbours' load leaves alone (mostly: they still share caches and memory bandwidth).
 
 The data wait (`--train-workers`, on shards): `ibot bench --data` on `--train-config` (default: the ViT-S/16 recipe
 made ViT-tiny, fp32, so that a CPU step takes seconds, not a minute) times `next(batch)` + `.to(device)` in the
@@ -98,6 +101,19 @@ def augmenter_for(path: str) -> Iterator[None]:
         contract.build_augmenter = build
 
 
+def cpu_seconds(stream: object) -> float:
+    """CPU seconds used so far by this process and the stream's dataloader workers (Linux /proc; NaN elsewhere):
+    on a shared machine, what the pipeline itself consumed, whatever else runs on the cores."""
+    total = time.process_time()
+    for worker in getattr(getattr(stream, "_batches", None), "_workers", []):  # the DataLoader iterator's processes
+        try:
+            fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def source_fields(source: str, data: str, args: argparse.Namespace) -> dict:
     if source == "shards":
         return {"shards": data, "shard_mode": "resampled", "epoch_samples": 10**9,
@@ -125,16 +141,18 @@ def measure(source: str, data: str, path: str, workers: int, args: argparse.Name
             one()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds(stream)
         for _ in range(args.batches):
             one()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(stream) - cpu_start
         stream.close()  # stop the workers before the next configuration starts its own
-    rate = args.batches * args.batch_size / seconds
+    images = args.batches * args.batch_size
+    rate = images / seconds
     return {"source": source, "path": path, "workers": workers, "img_per_s": rate,
-            "per_core": rate / max(1, workers), "ms_per_batch": 1e3 * seconds / args.batches}
+            "per_core": rate / max(1, workers), "ms_per_batch": 1e3 * seconds / args.batches,
+            "per_cpu_s": images / cpu if cpu > 0 else float("nan")}
 
 
 def train_data_wait(shards: str, path: str, workers: int, args: argparse.Namespace) -> dict:
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> Path:
                 for path in paths:
                     r = measure(source, data[source], path, w, args, device)
                     print(f"{source:7s} {path:9s} workers {w:2d}: {r['img_per_s']:8.1f} img/s, "
-                          f"{r['per_core']:7.1f} per core", flush=True)
+                          f"{r['per_core']:7.1f} per core, {r['per_cpu_s']:7.1f} per CPU-s", flush=True)
                     key = (source, path, w)
                     if key not in best or r["img_per_s"] > best[key]["img_per_s"]:
                         best[key] = r
@@ -264,13 +282,17 @@ def main(argv: list[str] | None = None) -> Path:
         return f"gpu (decode {args.decode}, ops on {device.type if device.type == 'cuda' else 'cpu'})"
 
     rows = [[r["source"], label(r["path"]), r["workers"], f"{r['img_per_s']:.1f}", f"{r['per_core']:.1f}",
-             f"{r['ms_per_batch']:.0f}", f"{VIT_S16_TARGET / r['per_core']:.0f}"] for r in results]
+             f"{r['per_cpu_s']:.1f}", f"{r['ms_per_batch']:.0f}", f"{VIT_S16_TARGET / r['per_core']:.0f}"]
+            for r in results]
     by_key = {(r["source"], r["path"], r["workers"]): r for r in results}
-    ratio_rows = [[source, w, f"{by_key[(source, 'official', w)]['per_core']:.1f}",
-                   f"{by_key[(source, 'cpu', w)]['per_core']:.1f}",
-                   f"{by_key[(source, 'cpu', w)]['per_core'] / by_key[(source, 'official', w)]['per_core']:.2f}x"]
-                  for source in sources for w in workers
-                  if (source, "official", w) in by_key and (source, "cpu", w) in by_key]
+    ratio_rows = []
+    for source in sources:
+        for w in workers:
+            if (source, "official", w) in by_key and (source, "cpu", w) in by_key:
+                theirs, ours = by_key[(source, "official", w)], by_key[(source, "cpu", w)]
+                ratio_rows.append([source, w, f"{theirs['per_core']:.1f}", f"{ours['per_core']:.1f}",
+                                   f"{ours['per_core'] / theirs['per_core']:.2f}x", f"{theirs['per_cpu_s']:.1f}",
+                                   f"{ours['per_cpu_s']:.1f}", f"{ours['per_cpu_s'] / theirs['per_cpu_s']:.2f}x"])
     wait_rows = [[label(r["path"]), r["workers"], f"{r['step_ms']:.0f}", f"{r['img_per_s']:.2f}",
                   f"{100 * r['data_wait']:.1f}%"] for r in waits]
 
@@ -301,14 +323,17 @@ def main(argv: list[str] | None = None) -> Path:
                       "interleaved repeats per row"),
         ("per core", "img/s / max(1, workers): a worker per core; with 0 workers the training process does all "
                      "the data work in one thread (torch and OpenCV set to 1 thread)"),
+        ("per CPU-second", "images / CPU seconds (user + system) of the training process and its dataloader "
+                           "workers over the timed batches: the cost per core, whatever else the shared cores run"),
     ]
     sections = ["# Data pipeline throughput", "", *[f"- {k}: {v}" for k, v in env], "",
-                markdown_table(["source", "path", "workers", "img/s", "img/s per core", "ms / batch",
+                markdown_table(["source", "path", "workers", "img/s", "img/s per core", "img per CPU-s", "ms / batch",
                                 "cores for 1,850 img/s"], rows), ""]
     if ratio_rows:
         sections += ["## Ours vs the official transforms, per core (same images, same workers, same run)", "",
                      markdown_table(["source", "workers", "official img/s per core", "ours img/s per core",
-                                     "ratio"], ratio_rows), ""]
+                                     "ratio", "official img per CPU-s", "ours img per CPU-s", "ratio (CPU time)"],
+                                    ratio_rows), ""]
     if wait_rows:
         sections += ["## Data wait of the training step (`ibot bench --data`, shards)", "",
                      f"- config: {args.train_config} {args.train_overrides}, {args.train_steps} timed steps after "
