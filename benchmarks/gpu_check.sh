@@ -67,7 +67,7 @@ quick)
         --out "$OUT/kernels_$DAY.md"
     # 5. The GPU data path on the carried JPEG shards.
     step data_bench 60 "data_$DAY.md" python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,8 \
-        --batches 5 --out "$OUT/data_$DAY.md"
+        --sources shards --paths cpu,gpu --train-workers "" --batches 5 --out "$OUT/data_$DAY.md"
     ;;
 more1)
     step bench_vit_s16 180 "bench_vit_small16_b64_compare_lightly_$DAY.md" python -m engine bench \
@@ -91,10 +91,11 @@ more2)
     ;;
 more3)
     step data_bench 200 "data_workers_$DAY.md" python -m benchmarks.data --shards gpu_carry/bench_shards \
-        --workers 0,8,16 --batches 10 --out "$OUT/data_workers_$DAY.md"
+        --workers 0,8,16 --sources shards --paths official,cpu,gpu --train-workers "" --batches 10 \
+        --out "$OUT/data_workers_$DAY.md"
     step fused_ops 60 "fused_ops_$DAY.md" python -m benchmarks.fused_ops --out "$OUT/fused_ops_$DAY.md"
     step fsdp_smoke 90 "" torchrun --standalone --nproc-per-node=1 -m engine train \
-        --config launch/configs/demo_cpu.yaml distributed.strategy=fsdp precision=bf16 train.steps=30 \
+        --config launch/configs/demo_cpu.yaml distributed.strategy=fsdp precision=bf16 data.augment=gpu train.steps=30 \
         train.log_every=10 checkpoint.every=30 checkpoint.async_save=true run.dir=/tmp/gpu_check_fsdp_smoke
     ;;
 *)

@@ -2,7 +2,9 @@
 # Fill the git-ignored gpu_carry/ with what benchmarks/gpu_check.sh needs on the device machine that its image
 # lacks, and nothing else: the image has Python 3.12, torch 2.11 + CUDA 13, triton 3.6, torchvision, timm, lightning,
 # pytest, pyyaml, rich, safetensors, scikit-image, tqdm; it lacks webdataset, braceexpand, lightly and pytest-timeout
-# (pyproject.toml's per-test `timeout`). Wheels only, for CPython 3.12 on x86_64 Linux; gpu_check.sh installs them
+# (pyproject.toml's per-test `timeout`). OpenCV (data.augment=cpu) does not travel: its wheel alone is 58 MB, so the
+# data benchmark there skips the data.augment=cpu rows unless the image has it, and the FSDP smoke trains with
+# data.augment=gpu. Wheels only, for CPython 3.12 on x86_64 Linux; gpu_check.sh installs them
 # with `pip install --no-index --no-deps --target` and fails loudly if that fails. Nothing travels from ../shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."

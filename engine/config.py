@@ -139,7 +139,8 @@ class DataConfig:
     epoch_samples: int = 0
     """Samples per epoch; 0: the manifest's total (needed when the shards have no manifest)."""
     augment: Literal["cpu", "gpu"] = "cpu"
-    """cpu: PIL + torchvision.transforms.v2 in the workers; gpu: batched crops and colour ops on the training device
+    """cpu: the recipe on uint8 arrays in the workers (engine/data/transforms.py: OpenCV and torch kernels, ~3x the
+    official PIL transforms per core); gpu: batched crops and colour ops on the training device
     (engine/data/augment.py), the workers only read the images and draw the views' parameters. Both serve image
     folders, built-in data and shards."""
     decode: Literal["gpu", "cpu"] = "gpu"

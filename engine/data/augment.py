@@ -7,11 +7,12 @@ An augmenter works in two processes:
   stacks a batch of `Sample`s and draws its masks;
 * in the training process, `finish` completes a collated batch on the training device.
 
-`CpuAugmenter` (`data.augment=cpu`): PIL + torchvision.transforms.v2 in the workers (transforms.py); `finish` only
-returns the `Batch`. `GpuAugmenter` (`data.augment=gpu`): the workers keep each image as uint8 (or, from shards, as
-JPEG bytes to be decoded on the device) and draw every view's random parameters; `collate` gives a `RawBatch`, and
-`finish` decodes it and makes all crops at once with batched tensor ops (gpu_aug.py), on whatever device the
-stream trains on (CPU tensors too). Both serve every source: image folders, built-in data and shards.
+`CpuAugmenter` (`data.augment=cpu`): the whole recipe on uint8 arrays in the workers (transforms.py: decode once,
+OpenCV and torch kernels), normalised to float32 by the collate; `finish` only returns the `Batch`.
+`GpuAugmenter` (`data.augment=gpu`): the workers keep each image as uint8 (or, from shards, as JPEG bytes to be
+decoded on the device) and draw every view's random parameters; `collate` gives a `RawBatch`, and `finish` decodes
+it and makes all crops at once with batched tensor ops (gpu_aug.py), on whatever device the stream trains on (CPU
+tensors too). Both serve every source: image folders, built-in data and shards.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from engine.config import DataConfig, MaskConfig
 from engine.data.batch import Batch, MultiCropCollate, Sample
-from engine.data.gpu_aug import GpuMultiCrop, decode_batch, draw_view_params
-from engine.data.transforms import MultiCropTransform
+from engine.data.gpu_aug import GpuMultiCrop, decode_batch
+from engine.data.transforms import MultiCropTransform, decode_jpeg, rgb_array
+from engine.data.views import draw_view_params
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class PendingViews(NamedTuple):
     """A sample on the GPU augmenter's path, as a worker leaves it: the image and its views' parameters."""
 
     image: Tensor  # [3, H, W] uint8 decoded, or 1-D uint8 JPEG bytes still to decode on the device
-    params: Tensor  # [V, NUM_PARAMS] float32 (gpu_aug.py)
+    params: Tensor  # [V, NUM_PARAMS] float32 (views.py)
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _uint8_chw(image: Image.Image) -> Tensor:
 
 
 class CpuAugmenter:
-    """Multi-crop in the dataloader workers (PIL + torchvision.transforms.v2); the training process gets `Batch`es."""
+    """Multi-crop in the dataloader workers (uint8, transforms.py); the training process gets `Batch`es."""
 
     on_device = False
 
@@ -82,9 +84,15 @@ class CpuAugmenter:
         return self.transform(image, seed=seed)
 
     def from_bytes(self, data: bytes, seed: int) -> list[Tensor]:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("RGB")
-        return self.transform(image, seed=seed)
+        """Decoded once, in full; raises on a corrupt or truncated image (the caller skips the sample).
+
+        A complete JPEG is decoded by OpenCV (libjpeg-turbo, the same pixels as PIL's, in half the time); anything
+        else (other formats, JPEGs without an end marker: OpenCV would fill a truncated one with grey) by PIL."""
+        pixels = decode_jpeg(data) if _looks_complete_jpeg(data) else None
+        if pixels is None:
+            with Image.open(io.BytesIO(data)) as opened:
+                pixels = rgb_array(opened)
+        return self.transform(pixels, seed=seed)
 
     def collate(self, samples: list[Sample], num_skipped: int = 0) -> Batch:
         batch = self.collate_samples(samples)

@@ -1,24 +1,24 @@
 """The iBOT multi-crop recipe as batched tensor ops: decode and augment on the training device.
 
-The CPU path (transforms.py) runs PIL + torchvision.transforms.v2 per image in the dataloader workers; it gives
-about 31 img/s per core for 2 x 224 + 10 x 96, far below what one H100 consumes. On this path the workers only
-read the shards, check each JPEG, and draw the random parameters of every view (cheap, per sample, seeded by
-the sample's own seed as on the CPU path); the training process then decodes the batch
+The CPU path (transforms.py) augments each image in the dataloader workers (uint8 arrays, OpenCV and torch
+kernels); even at its ~100 img/s per core a 16-core node feeds less than one H100 consumes. On this path the
+workers only read the shards, check each JPEG, and draw the random parameters of every view (cheap, per sample,
+seeded by the sample's own seed as on the CPU path); the training process then decodes the batch
 (`torchvision.io.decode_jpeg` on a list: nvJPEG on CUDA) and applies the same recipe to all crops at once.
 
 The ops are plain torch, so the very same code runs on CPU tensors (tests, `--device cpu` benchmark smoke).
 
-Recipe (official `DataAugmentationiBOT`, as in transforms.py): per view a random resized crop (scale from
+Recipe (official `DataAugmentationiBOT`, views.py draws the parameters): per view a random resized crop (scale from
 `data.global_scale` / `data.local_scale`, ratio 3/4..4/3, torchvision's own `get_params`), flip p=0.5,
 ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 in a random order per sample, grayscale p=0.2, Gaussian blur
 (sigma ~ U(0.1, 2)) p=1.0 / 0.1 / 0.5 for global view 1 / global view 2 / locals, solarize p=0.2 on global view 2,
 ImageNet normalisation. Differences from the CPU path, all small: the crop is resampled by `roi_align`
 (bilinear, averaging ceil(crop / output) samples per output pixel in each direction, i.e. anti-aliased) rather
-than bicubic; colour ops run on float pixels rather than on uint8; the blur is an exact separable Gaussian with a
-13-tap kernel (covers 3 sigma at sigma = 2) and reflect padding, rather than PIL's box-blur approximation.
+than bicubic; colour ops run on float pixels rather than on uint8; the blur is a separable Gaussian with a
+13-tap kernel (covers 3 sigma at sigma = 2) and reflect padding rather than edge replication.
 
-Parameter layout: `draw_view_params` returns a [V, NUM_PARAMS] float32 tensor per sample (V = G + L views);
-the collate stacks them view-major to [V, B, NUM_PARAMS]. Columns are named by the P_* constants below.
+Parameter layout: `views.draw_view_params` returns a [V, NUM_PARAMS] float32 tensor per sample (V = G + L views);
+the collate stacks them view-major to [V, B, NUM_PARAMS]. Columns are named by the P_* constants of views.py.
 
 Shapes: images B uint8 [3, H_i, W_i] (sizes differ) -> global [G*B, 3, Hg, Wg], local [L*B, 3, Hl, Wl] float32,
 normalised, view-major (all B images of view 0, then view 1, ...), as `Batch` wants them.
@@ -32,69 +32,29 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from engine.config import DataConfig
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from engine.data.views import (
+    NUM_PARAMS,
+    P_BLUR,
+    P_BOX,
+    P_BRIGHTNESS,
+    P_CONTRAST,
+    P_FLIP,
+    P_GRAY,
+    P_HUE,
+    P_JITTER,
+    P_ORDER,
+    P_SATURATION,
+    P_SIGMA,
+    P_SOLARIZE,
+    SIGMA_RANGE,
+)
 
-# Columns of a view's parameter row.
-P_BOX = slice(0, 4)  # x1, y1, x2, y2 in pixels of the source image
-P_FLIP = 4
-P_JITTER = 5
-P_ORDER = slice(6, 10)  # the permutation of (brightness, contrast, saturation, hue) ids 0..3
-P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 10, 11, 12, 13
-P_GRAY = 14
-P_BLUR = 15
-P_SIGMA = 16
-P_SOLARIZE = 17
-NUM_PARAMS = 18
-
-JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (official)
-P_JITTER_APPLY, P_GRAY_APPLY, P_FLIP_APPLY = 0.8, 0.2, 0.5
-SIGMA_RANGE = (0.1, 2.0)
-BLUR_TAPS = 2 * math.ceil(3 * SIGMA_RANGE[1]) + 1  # 13
-RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-def view_probabilities(cfg: DataConfig) -> list[tuple[float, float]]:
-    """(blur p, solarize p) of each of the G + L views: global views alternate the two official pipelines."""
-    globals_ = [(1.0, 0.0) if g % 2 == 0 else (0.1, 0.2) for g in range(cfg.num_global)]
-    return globals_ + [(0.5, 0.0)] * cfg.num_local
-
-
-def draw_view_params(height: int, width: int, cfg: DataConfig, seed: int) -> Tensor:
-    """Random parameters of the G + L views of one `height` x `width` image, from the sample's `seed`.
-
-    Every number is drawn whatever the probabilities, so the stream of a view does not depend on p. Uses torch's
-    global CPU generator inside `fork_rng` (as transforms.py), restored afterwards. Returns [V, NUM_PARAMS].
-    """
-    probs = view_probabilities(cfg)
-    shape_only = torch.empty((3, height, width), device="meta")  # get_params reads only the size
-    rows = torch.zeros(len(probs), NUM_PARAMS)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        for v, (p_blur, p_solarize) in enumerate(probs):
-            scale = cfg.global_scale if v < cfg.num_global else cfg.local_scale
-            top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(scale), list(RATIO))
-            u = torch.rand(8)
-            b, c, s, hue = JITTER
-            row = rows[v]
-            row[P_BOX] = torch.tensor([left, top, left + w, top + h], dtype=torch.float32)
-            row[P_FLIP] = float(u[0] < P_FLIP_APPLY)
-            row[P_JITTER] = float(u[1] < P_JITTER_APPLY)
-            row[P_ORDER] = torch.randperm(4).float()
-            row[P_BRIGHTNESS] = 1 - b + 2 * b * u[2]
-            row[P_CONTRAST] = 1 - c + 2 * c * u[3]
-            row[P_SATURATION] = 1 - s + 2 * s * u[4]
-            row[P_HUE] = -hue + 2 * hue * torch.rand(())
-            row[P_GRAY] = float(u[5] < P_GRAY_APPLY)
-            row[P_BLUR] = float(u[6] < p_blur)
-            row[P_SIGMA] = SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * torch.rand(())
-            row[P_SOLARIZE] = float(u[7] < p_solarize)
-    return rows
-
+BLUR_TAPS = 2 * math.ceil(3 * SIGMA_RANGE[1]) + 1  # 13: covers 3 sigma at sigma = 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decode

@@ -18,7 +18,7 @@ from engine.data.folder import ImageFolderDataset
 from engine.data.loader import DataStream, EpochBatchSampler, build_dataset
 from engine.data.masking import generate_masks
 from engine.data.stream import build_data_stream
-from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform
+from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, normalise
 
 PATCH = 8
 GLOBAL, LOCAL = 32, 16
@@ -82,14 +82,18 @@ def test_multicrop_shapes_ranges_and_seeding() -> None:
     for i, view in enumerate(views):
         size = GLOBAL if i < 2 else LOCAL
         assert view.shape == (3, size, size)
-        assert view.dtype == torch.float32
+        assert view.dtype == torch.uint8  # normalised to float32 by the collate, the whole batch at once
     # Normalised [0, 1] pixels: (0 - mean) / std <= x <= (1 - mean) / std per channel.
     low = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])[:, None, None]
     high = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])[:, None, None]
-    for view in views:
+    for view in normalise(torch.stack(views[:2])).unbind(0) + normalise(torch.stack(views[2:])).unbind(0):
+        assert view.dtype == torch.float32
         assert torch.all(view >= low - 1e-5)
         assert torch.all(view <= high + 1e-5)
         assert view.std() > 0
+    extremes = normalise(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+    torch.testing.assert_close(extremes[0, :, 0, 0], low.flatten())
+    torch.testing.assert_close(extremes[0, :, 0, 1], high.flatten())
     again = transform(image, seed=11)
     assert all(torch.equal(a, b) for a, b in zip(views, again))
     other = transform(image, seed=12)

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 from engine.config import DataConfig
 from engine.data import gpu_aug as G
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from engine.data.views import draw_view_params
 
 
 def _images(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:
@@ -98,7 +99,7 @@ def test_resized_crops_identity_and_area_average() -> None:
 def test_view_params_follow_the_official_probabilities() -> None:
     cfg = _cfg(num_global=2, num_local=2)
     n = 1500
-    rows = torch.stack([G.draw_view_params(60 + i % 7, 80 - i % 5, cfg, seed=1000 + i) for i in range(n)])  # [n, V, P]
+    rows = torch.stack([draw_view_params(60 + i % 7, 80 - i % 5, cfg, seed=1000 + i) for i in range(n)])  # [n, V, P]
     expect_blur = [1.0, 0.1, 0.5, 0.5]
     expect_solarize = [0.0, 0.2, 0.0, 0.0]
     for v in range(4):
@@ -125,7 +126,7 @@ def test_view_params_follow_the_official_probabilities() -> None:
         low, high = cfg.global_scale if v < 2 else cfg.local_scale
         inside = ((area >= low * 0.9) & (area <= high * 1.1)).float().mean()
         assert inside > 0.97, (v, inside)
-    again = G.draw_view_params(60, 80, cfg, seed=1000)
+    again = draw_view_params(60, 80, cfg, seed=1000)
     assert torch.equal(again, rows[0])  # seeded by the sample seed alone
 
 
@@ -133,7 +134,7 @@ def test_ops_apply_exactly_where_their_flags_say() -> None:
     """On outputs: grayscale iff its flag, solarize only where flagged, flip mirrors, no-op where nothing is drawn."""
     n = 400
     x = _images(n, size=10, seed=3)
-    rows = torch.stack([G.draw_view_params(10, 10, _cfg(num_global=2, num_local=0), seed=i)[1] for i in range(n)])
+    rows = torch.stack([draw_view_params(10, 10, _cfg(num_global=2, num_local=0), seed=i)[1] for i in range(n)])
     out = G.augment_crops(x, rows)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -177,7 +178,7 @@ def test_jitter_variants_agree() -> None:
     """Once-per-sample indexing (host parameters) and whole-batch masking give the same images."""
     n = 64
     x = _images(n, size=8, seed=9)
-    params = torch.stack([G.draw_view_params(8, 8, _cfg(), seed=50 + i)[2] for i in range(n)])
+    params = torch.stack([draw_view_params(8, 8, _cfg(), seed=50 + i)[2] for i in range(n)])
     indexed = G.color_jitter_indexed(x, params, params)
     masked = G.color_jitter_masked(x, params)
     torch.testing.assert_close(indexed, masked, atol=1e-6, rtol=0)
@@ -201,7 +202,7 @@ def test_multicrop_shapes_ranges_and_determinism() -> None:
     encoded = [_jpeg(i, s) for i, s in enumerate(sizes)]
     images, failed = G.decode_batch(encoded, torch.device("cpu"))
     assert failed == [] and [tuple(im.shape) for im in images] == [(3, h, w) for w, h in sizes]
-    params = torch.stack([G.draw_view_params(h, w, cfg, seed=i) for i, (w, h) in enumerate(sizes)], dim=1)
+    params = torch.stack([draw_view_params(h, w, cfg, seed=i) for i, (w, h) in enumerate(sizes)], dim=1)
     crop = G.GpuMultiCrop(cfg)
     global_crops, local_crops = crop(images, params)
     assert global_crops.shape == (2 * 3, 3, 32, 32) and local_crops.shape == (3 * 3, 3, 16, 16)
@@ -237,7 +238,7 @@ def test_cuda_ops_match_cpu_ops() -> None:
     assert failed == [] and all(im.is_cuda for im in gpu_images)
     for a, b in zip(cpu_images, gpu_images):  # nvJPEG and libjpeg-turbo may differ by a few levels
         assert (a.int() - b.cpu().int()).abs().float().mean() < 2
-    params = torch.stack([G.draw_view_params(h, w, cfg, seed=i) for i, (w, h) in enumerate(sizes)], dim=1)
+    params = torch.stack([draw_view_params(h, w, cfg, seed=i) for i, (w, h) in enumerate(sizes)], dim=1)
     crop = G.GpuMultiCrop(cfg)
     on_cpu = crop(cpu_images, params)
     on_gpu = crop([im.cuda() for im in cpu_images], params)
@@ -254,7 +255,7 @@ def test_one_huge_image_does_not_size_the_batch_canvas(monkeypatch: pytest.Monke
     ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     huge = (torch.stack([xs, ys, (xs + ys) / 2]) * 255).round().to(torch.uint8)
     small = (torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    params = torch.stack([G.draw_view_params(30, 40, cfg, seed=0), G.draw_view_params(h, w, cfg, seed=1)], dim=1)
+    params = torch.stack([draw_view_params(30, 40, cfg, seed=0), draw_view_params(h, w, cfg, seed=1)], dim=1)
     canvases = []
     real = G.resized_crops
     monkeypatch.setattr(G, "resized_crops", lambda canvas, *a: canvases.append(canvas.shape) or real(canvas, *a))

@@ -416,16 +416,23 @@ def test_gpu_path_stream_on_cuda(even_shards: Path) -> None:
 
 
 def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
-    """`python -m benchmarks.data` end to end at toy sizes: both paths, a report with machine, versions, command."""
+    """`python -m benchmarks.data` end to end at toy sizes: official / ours / GPU path on shards and on the folder
+    of the same images, the per-core ratio, the training step's data wait; a report with machine, versions, command."""
     from benchmarks.data import main as bench_main
 
     out = bench_main(["--shards", str(even_shards), "--workers", "0,1", "--batches", "2", "--warmup", "1",
                       "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--num-local", "2",
-                      "--patch-size", "8", "--device", "cpu", "--out", str(tmp_path / "report.md")])
+                      "--patch-size", "8", "--device", "cpu", "--train-workers", "0", "--train-steps", "1",
+                      "--train-overrides", "model.arch=vit_tiny model.out_dim=256 precision=fp32 train.batch_size=4",
+                      "--out", str(tmp_path / "report.md")])
     text = out.read_text()
-    for needle in ("machine:", "torch ", "webdataset ", "command: python -m benchmarks.data", "48 JPEGs in 8 shards",
-                   "| cpu (PIL + transforms.v2) | 1 |", "| gpu (decode gpu, ops on cpu) | 0 |", "unmeasured"):
+    for needle in ("machine:", "torch ", "OpenCV ", "webdataset ", "command: python -m benchmarks.data",
+                   "48 JPEGs in 8 shards", "image folder", "| shards | official (PIL + transforms v1) | 1 |",
+                   "| folder | ours (data.augment=cpu) | 0 |", "| shards | gpu (decode gpu, ops on cpu) | 0 |",
+                   "## Ours vs the official transforms, per core", "| folder | 1 |", "## Data wait",
+                   "| ours (data.augment=cpu) | 0 |", "unmeasured"):
         assert needle in text, needle
+    assert len(list(Path(f"{even_shards}_folder").glob("*.jpg"))) == 48
 
 
 def _torchrun_train(overrides: list[str]) -> str:
