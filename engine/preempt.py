@@ -15,16 +15,18 @@ gloo group of its own (no device involved, so no host-device synchronisation, an
 untouched), and collects the previous boundary's result, long complete by then. Every rank reads the same sum at
 the same boundary, so all stop after the same step: one step after the first rank saw the signal, at most two.
 
-DataLoader workers ignore both signals (`ignore_stop_signals`, their `worker_init_fn`): SLURM signals every
+DataLoader workers ignore both signals (`stop_signal_safe_workers`, their `worker_init_fn`): SLURM signals every
 process of a step, and torch's workers would otherwise die on SIGTERM and take the run down with them; the training
-process shuts them down itself.
+process shuts them down itself (closing the stream, or killing leftovers at exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -39,9 +41,41 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """`worker_init_fn` of the training DataLoaders: workers leave stop signals to the training process."""
+    """`worker_init_fn` of the training DataLoaders: workers leave stop signals to the training process.
+
+    They then also ignore the SIGTERM with which multiprocessing ends daemonic children at exit (a stream that was
+    not closed); `stop_signal_safe_workers` makes the parent kill such leftovers first, so that its exit never waits
+    on them."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_reaper_registered = False
+
+
+def stop_signal_safe_workers() -> Callable[[int], None]:
+    """The `worker_init_fn` for DataLoaders whose workers must outlive a stop signal (`ignore_stop_signals`);
+    registers, once per process, an exit hook that kills the daemonic children (the workers) still running.
+    Registered after multiprocessing's own exit hook, it runs before it: atexit runs hooks in reverse order."""
+    global _reaper_registered
+    if not _reaper_registered:
+        atexit.register(_kill_leftover_workers)
+        _reaper_registered = True
+    return ignore_stop_signals
+
+
+def _kill_leftover_workers() -> None:
+    import multiprocessing
+
+    # DataLoader workers are daemonic; multiprocessing would SIGTERM them, which they ignore. torch's SIGCHLD
+    # handler would report each kill as a failed worker: the process is exiting, so the default disposition.
+    leftovers = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftovers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in leftovers:
+        child.kill()
+    for child in leftovers:
+        child.join(timeout=5)
 
 
 class Preempted(Exception):  # not an error: the run stopped on request, to be requeued

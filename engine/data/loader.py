@@ -35,7 +35,7 @@ from engine.data.contract import StreamBase, StreamPlace
 from engine.data.folder import ImageFolderDataset
 from engine.data.masking import seeded_rng
 from engine.data.synthetic import builtin_dataset
-from engine.preempt import ignore_stop_signals
+from engine.preempt import stop_signal_safe_workers
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class DataStream(StreamBase):
             # Creating an iterator draws a base seed from this generator; the default (the global RNG)
             # would make the trainer's RNG stream depend on when the stream was (re)started.
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=ignore_stop_signals,  # a SLURM signal to every process must not kill the workers
+            worker_init_fn=stop_signal_safe_workers(),  # a SLURM signal to every process must not kill the workers
         )
         return iter(loader)
 

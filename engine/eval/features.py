@@ -24,7 +24,7 @@ from engine.config import Config
 from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from engine.distributed import get_rank, get_world_size
 from engine.model.ibot import IBOT
-from engine.preempt import ignore_stop_signals
+from engine.preempt import stop_signal_safe_workers
 
 FEATURES = ("cls", "cls+patch")
 
@@ -97,7 +97,7 @@ def extract_features(
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
-            worker_init_fn=ignore_stop_signals,  # k-NN during training: a stop signal is the trainer's
+            worker_init_fn=stop_signal_safe_workers(),  # k-NN during training: a stop signal is the trainer's
         )
     device = torch.device(device)
     was_training = backbone.training

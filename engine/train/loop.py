@@ -108,6 +108,7 @@ def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
         t.checkpointer.wait()
     finally:
         stop.close()
+        t.data.close()  # its workers ignore SIGTERM: stopped here, not left to multiprocessing's exit hook
         metrics.close()
     if last and math.isfinite(last["loss"]):
         log.info("done: %d steps, final loss %.4f", t.step, last["loss"])

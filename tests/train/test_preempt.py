@@ -197,3 +197,36 @@ def test_ranks_agree_on_the_stop_step_when_only_one_is_signalled(tmp_path):
     mp.start_processes(_agreement_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     assert (tmp_path / "rank0.txt").read_text() == "5 none"
     assert (tmp_path / "rank1.txt").read_text() == "5 SIGUSR1"
+
+
+_LEFTOVER_WORKERS = """
+import sys, torch
+from engine import preempt
+init = preempt.stop_signal_safe_workers() if sys.argv[1] == "safe" else preempt.ignore_stop_signals
+loader = torch.utils.data.DataLoader(range(1000), batch_size=2, num_workers=2, worker_init_fn=init)
+batches = iter(loader)
+next(batches)  # workers running, the iterator still referenced at exit
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("init", ["safe", "ignore-only"])
+def test_workers_that_ignore_stop_signals_do_not_hold_up_the_exit(init):
+    """multiprocessing ends daemonic children at exit with a SIGTERM, which these workers ignore: without the exit
+    hook of `stop_signal_safe_workers` the process would wait for them for ever (the 'ignore-only' case shows it)."""
+    proc = subprocess.Popen([sys.executable, "-c", _LEFTOVER_WORKERS, init], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = proc.communicate(timeout=30)[0]  # a normal exit takes a few seconds here
+        hung = False
+    except subprocess.TimeoutExpired:
+        hung = True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+    assert "exiting" in out, out
+    if init == "safe":
+        assert not hung and proc.returncode == 0, out
+    else:
+        assert hung, "the exit did not wait for the workers: this test no longer shows what the hook prevents"

@@ -43,7 +43,7 @@ from engine.data.contract import StreamBase, StreamPlace
 from engine.data.masking import seeded_rng
 from engine.data.shards.resolve import IMAGE_KEYS, ShardSet, assign_shards, check_local_shards, key_hash, resolve_shards
 from engine.distributed import is_distributed
-from engine.preempt import ignore_stop_signals
+from engine.preempt import stop_signal_safe_workers
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class ShardStream(StreamBase):
         dataset = ShardSamples(self, self.epoch, self.batch, list(self.cursors))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=stop_signal_safe_workers(),
         )
         return iter(loader)
 
