@@ -95,7 +95,6 @@ class StopSignal:
 
     def __init__(self, world_size: int) -> None:
         self.received: int | None = None  # the first stop signal caught (its number)
-        self.count = 0  # every stop signal caught, repeats included
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
             for sig in STOP_SIGNALS:
@@ -117,7 +116,6 @@ class StopSignal:
         return signal.Signals(self.received).name if self.received is not None else "none"
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.count += 1
         if self.received is None:
             self.received = signum
             log.warning("%s received: finishing the step, then writing a checkpoint and stopping",

@@ -200,8 +200,8 @@ class MultiCropTransform:
     """Official iBOT multi-crop views of one image: `cfg.num_global` global then `cfg.num_local` local crops.
 
     `__call__(image, seed)` takes a PIL image (any mode) or an [H, W, 3] uint8 RGB tensor and returns the G + L views
-    as uint8 [3, S, S] tensors; the same (image, seed) always gives the same views, and the global RNG state is
-    restored afterwards. `normalise` (below) makes the float32 model inputs of a stack of views.
+    as uint8 [3, S, S] tensors; the same (image, seed) always gives the same views, and no global RNG is read or
+    changed. `normalise` (below) makes the float32 model inputs of a stack of views.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
