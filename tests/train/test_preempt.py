@@ -217,7 +217,7 @@ def test_workers_that_ignore_stop_signals_do_not_hold_up_the_exit(init):
     proc = subprocess.Popen([sys.executable, "-c", _LEFTOVER_WORKERS, init], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out = proc.communicate(timeout=30)[0]  # a normal exit takes a few seconds here
+        proc.communicate(timeout=30)  # a normal exit takes a few seconds here; the output is read below
         hung = False
     except subprocess.TimeoutExpired:
         hung = True
