@@ -3,6 +3,7 @@
     python -m benchmarks.peer_learning          # 300 steps each, report -> results/peer_learning_cpu<N>core_<yyyymm>.md
     python -m benchmarks.peer_learning --steps 60 --out /tmp/p.md
     python -m benchmarks.peer_learning --quick --out /tmp/p.md   # smoke: a few steps, no claim
+    python -m benchmarks.peer_learning --seed 0 1 2 3   # both sides per seed, and the means (a run is ~25 min here)
     python -m benchmarks.peer_learning --only lightly --swap data --stop-after 100 --knn-every 50 --out /tmp/b.md
         # bisection: lightly's loop fed by our data stream and masks (--swap init: from our ViT's init)
 
@@ -262,9 +263,12 @@ def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0, see
     seconds = time.perf_counter() - start
     state, cfg, _ = read_checkpoint(run_dir)
     final = knn_top1(teacher_backbone(cfg, state, torch.device("cpu")))
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    curve = {0: init, **{r["step"]: r["knn_top1"] for r in records if "knn_top1" in r and r["step"] > 0}, steps: final}
     health = {k: last[k] for k in ("teacher_cls_entropy_frac", "teacher_cls_batch_entropy_frac",
                                    "student_cls_std", "teacher_cls_std") if k in last}
-    return {"init": init, "random_features": random_features, "final": final, "seconds": seconds,
+    return {"init": init, "random_features": random_features, "final": final, "curve": curve, "seconds": seconds,
             "collapse": last.get("collapse", []),
             "health": health, "loss": last.get("loss"), "knn_logged": last.get("knn_top1")}
 
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--swap", action="append", choices=["data", "init"], default=[],
                    help="bisection: run lightly's loop with our data stream and masks / our ViT init (repeatable)")
     p.add_argument("--stop-after", type=int, help="bisection: end after N steps (the schedules still span --steps)")
-    p.add_argument("--seed", type=int, default=0, help="both runs' seed (init, data order, views, masks)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="seeds (init, data order, views, masks); several: both sides per seed, and the mean")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     bisecting = bool(args.swap or args.stop_after)
@@ -291,43 +296,72 @@ def main(argv: list[str] | None = None) -> None:
     import timm
 
     env.update({"lightly": lightly.__version__, "timm": timm.__version__, "threads": str(torch.get_num_threads()),
-                "seed": str(args.seed)})
-    results: dict[str, dict[str, Any]] = {}
+                "seed": " ".join(map(str, args.seed))})
+    sides = [side for side in ("ours", "lightly") if args.only in (None, side)]
+    results: dict[str, dict[int, dict[str, Any]]] = {side: {} for side in sides}
+    out = _out_path(args)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only in (None, "ours"):
-            results["ours"] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / "ours",
-                                      knn_every=args.knn_every, seed=args.seed)
-        if args.only in (None, "lightly"):
-            results["lightly"] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every,
-                                             swap=frozenset(args.swap), stop_after=args.stop_after, seed=args.seed)
+        for i, seed in enumerate(args.seed):  # seed by seed, both sides; the report is rewritten after each seed,
+            if "ours" in sides:  # so a run cut short still leaves its finished, paired seeds
+                results["ours"][seed] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / f"ours_{seed}",
+                                                 knn_every=args.knn_every, seed=seed)
+            if "lightly" in sides:
+                results["lightly"][seed] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every,
+                                                       swap=frozenset(args.swap), stop_after=args.stop_after,
+                                                       seed=seed)
+            save_report(report(results, steps, args.seed[:i + 1], args, env), "peer_learning", "cpu", out,
+                        args.quick)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def report(results: dict[str, dict[int, dict[str, Any]]], steps: int, seeds: list[int], args: argparse.Namespace,
+           env: dict[str, str]) -> str:
+    """The markdown report of the finished `seeds`: one row per side and seed, the per-seed gap, and with several
+    seeds the means."""
     names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
     if args.swap:
         names["lightly"] += f" with our {' and '.join(sorted(args.swap))}"
     if args.stop_after:
         names["lightly"] += f", stopped after {args.stop_after} steps of its {steps}-step schedules"
-    rows = [[names[k], f"{r['init']:.1f}%", f"{r['final']:.1f}%", f"{r['final'] - r['init']:+.1f}",
-             f"{r['seconds'] / 60:.1f} min"] for k, r in results.items()]
+    rows = [[names[side], str(seed), f"{r['init']:.1f}%", f"{r['final']:.1f}%", f"{r['final'] - r['init']:+.1f}",
+             f"{r['seconds'] / 60:.1f} min"] for side, runs in results.items() for seed, r in runs.items()]
+    if len(seeds) > 1:
+        for side, runs in results.items():
+            finals = [r["final"] for r in runs.values()]
+            rows.append([f"**{names[side]}, mean of {len(runs)} seeds**", "",
+                         f"{_mean([r['init'] for r in runs.values()]):.1f}%",
+                         f"**{_mean(finals):.1f}%** ({min(finals):.1f}-{max(finals):.1f})", "", ""])
     lines = [*report_header(f"Learning on digits, {steps} steps: ours vs lightly's iBOT example", env), "",
-             markdown_table(["run", "k-NN top-1 at init", f"after {steps} steps", "gain (points)", "train time"],
-                            rows), ""]
-    if "ours" in results and "lightly" in results:
-        gap = results["ours"]["final"] - results["lightly"]["final"]
-        lines.append(f"Ours minus lightly after {steps} steps: {gap:+.1f} points of k-NN top-1 "
-                     f"(train time ratio ours / lightly: "
-                     f"{results['ours']['seconds'] / results['lightly']['seconds']:.2f}, same machine, one run).")
-    if "ours" in results:
-        lines.append(f"Random features (our ViT-tiny at random init without LayerScale, no training): "
-                     f"{results['ours']['random_features']:.1f}%; ours after {steps} steps: "
-                     f"{results['ours']['final'] - results['ours']['random_features']:+.1f} points over it.")
-        lines.append(f"Our final training health: {json.dumps(results['ours']['health'])}; collapse warnings: "
-                     f"{results['ours']['collapse'] or 'none'}.")
-    if "lightly" in results:
-        lines.append(f"lightly's final training health (same formulas): {json.dumps(results['lightly']['health'])}.")
-    lines += ["", "```json", json.dumps(results, indent=1, default=float), "```", ""]
-    out = args.out
-    if out is None and not args.quick:  # a full CPU run is the result this script exists for (unlike speed runs)
-        out = RESULTS_DIR / f"peer_learning_cpu{os.cpu_count()}core_{datetime.datetime.now(datetime.UTC):%Y%m}.md"
-    save_report("\n".join(lines), "peer_learning", "cpu", out, args.quick)
+             markdown_table(["run", "seed", "k-NN top-1 at init", f"after {steps} steps", "gain (points)",
+                             "train time"], rows), ""]
+    if len(results) == 2:
+        ours, peer = results["ours"], results["lightly"]
+        gaps = [ours[seed]["final"] - peer[seed]["final"] for seed in seeds]
+        ratio = _mean([ours[seed]["seconds"] / peer[seed]["seconds"] for seed in seeds])
+        lines.append(f"Ours minus lightly after {steps} steps: " + (
+            f"{gaps[0]:+.1f} points of k-NN top-1" if len(seeds) == 1 else
+            f"{_mean(gaps):+.1f} points of k-NN top-1 on the mean over seeds {', '.join(map(str, seeds))} (per seed: "
+            f"{', '.join(f'{g:+.1f}' for g in gaps)})") +
+            f" (train time ratio ours / lightly: {ratio:.2f}, same machine).")
+    for seed, r in results.get("ours", {}).items():
+        lines.append(f"Seed {seed}: random features (our ViT-tiny at random init without LayerScale, no training): "
+                     f"{r['random_features']:.1f}%; ours after {steps} steps: "
+                     f"{r['final'] - r['random_features']:+.1f} points over it. Our final training health: "
+                     f"{json.dumps(r['health'])}; collapse warnings: {r['collapse'] or 'none'}.")
+    for seed, r in results.get("lightly", {}).items():
+        lines.append(f"Seed {seed}: lightly's final training health (same formulas): {json.dumps(r['health'])}.")
+    return "\n".join([*lines, "", "```json", json.dumps(results, indent=1, default=float), "```", ""])
+
+
+def _out_path(args: argparse.Namespace) -> Path | None:
+    if args.out is not None or args.quick:
+        return args.out
+    # A full CPU run is the result this script exists for (unlike speed runs).
+    seeds = "" if args.seed == [0] else "_seeds" + "-".join(map(str, args.seed))
+    return RESULTS_DIR / f"peer_learning{seeds}_cpu{os.cpu_count()}core_{datetime.datetime.now(datetime.UTC):%Y%m}.md"
 
 
 if __name__ == "__main__":

@@ -125,6 +125,25 @@ def test_detector_does_not_watch_the_starting_point():
     assert "step 40" in detector.update(40, uniform)[0]
 
 
+def test_a_spread_that_is_still_growing_is_the_start_not_a_collapse():
+    """LayerScale 1e-5 starts every image at nearly one embedding; the spread then grows through the floor. Teacher
+    std (x 1e-3) logged every 10 steps by two `digits.yaml` runs that learned (seed 2: k-NN 57.8%, lr 2.5e-4: 50.8%),
+    which fired the std criterion before `STD_GROWTH`; from step 30 (`start_step`, 10% of 300 steps)."""
+    floor = 0.05 / math.sqrt(192)
+    for curve in ([0.40, 0.95, 1.78, 3.50, 3.57, 5.01, 7.45], [0.18, 0.59, 1.26, 2.02, 3.06, 3.57, 4.39]):
+        detector = CollapseDetector(embed_dim=192, patience=3, start_step=30)
+        assert sum(v * 1e-3 < floor for v in curve[2:]) >= 3  # under the floor for 3+ watched steps in a row
+        for step, value in zip(range(10, 80, 10), curve):
+            assert detector.update(step, {**_healthy(), "teacher_cls_std": value * 1e-3}) == []
+    # The same spread once it stops growing (or falls, or never moved) is reported, at the step the growth stalls.
+    for curve, fires_at in (([1.8, 3.5, 3.5, 3.5, 3.4], 40), ([3.0, 2.5, 2.0], 30), ([0.0, 0.0, 0.0], 30),
+                            ([1.0, 1.1, 1.2], 30)):
+        detector = CollapseDetector(embed_dim=192, patience=3)
+        fired = [step for step, value in zip(range(10, 60, 10), curve)
+                 if detector.update(step, {**_healthy(), "teacher_cls_std": value * 1e-3})]
+        assert fired == [fires_at], curve
+
+
 def test_detector_with_stop_raises_naming_the_metric():
     detector = CollapseDetector(embed_dim=64, on_collapse="stop", patience=2)
     one_hot = {**_healthy(), "teacher_cls_batch_entropy_frac": 0.01}
