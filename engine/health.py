@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +158,7 @@ class CollapseDetector:
         self.patience = patience
         self.start_step = start_step
         self.streaks: dict[str, int] = {}
-        self.streak_values: dict[str, list[float]] = {}  # std kinds: their values over the current streak
+        self.streak_values: dict[str, deque[float]] = {}  # std kinds: their last `patience` values in the streak
         self.fired: list[str] = []  # messages of the collapses reported so far
         self.fired_kinds: set[str] = set()
 
@@ -190,8 +191,10 @@ class CollapseDetector:
         reported once per run, as a warning). Call `stop_if_asked` with them once the step's record is written."""
         found = self.conditions(m) if step >= self.start_step else {}
         self.streaks = {kind: self.streaks.get(kind, 0) + 1 for kind in found}
-        self.streak_values = {kind: [*self._last(self.streak_values.get(kind, []), self.patience - 1), m[kind]]
+        self.streak_values = {kind: self.streak_values.get(kind) or deque(maxlen=self.patience)
                               for kind in found if kind.endswith("_std")}
+        for kind, values in self.streak_values.items():
+            values.append(m[kind])
         new = []
         for kind, why in found.items():
             if kind == "cls_uniform":  # a note, not a collapse (see the module docstring)
@@ -212,10 +215,6 @@ class CollapseDetector:
                 new.append(message)
                 log.warning(message)
         return new
-
-    @staticmethod
-    def _last(values: list[float], n: int) -> list[float]:
-        return values[len(values) - n:] if n > 0 else []
 
     def stop_if_asked(self, messages: list[str]) -> None:
         """With `on_collapse=stop`, raise `TrainingCollapsedError` for the collapse `update` just reported."""
