@@ -6,6 +6,9 @@
     python -m benchmarks.peer_learning --seed 0 1 2 3   # both sides per seed, and the means (a run is ~25 min here)
     python -m benchmarks.peer_learning --only lightly --swap data --stop-after 100 --knn-every 50 --out /tmp/b.md
         # bisection: lightly's loop fed by our data stream and masks (--swap init: from our ViT's init)
+    python -m benchmarks.peer_learning --only ours --ours-init lightly --knn-every 50 --out /tmp/c.md
+        # bisection: our engine from lightly's initial weights (with --swap data above: the same start and stream);
+        # --set KEY=VALUE changes our recipe (e.g. --set optim.decay_all=true --set model.drop_path_uniform=true)
 
 Data: `builtin:digits` (scikit-learn's 1,797 handwritten-digit scans, 64 x 64 RGB, 1,437 train / 360 val).
 k-NN protocol for both, at random init and after training: the teacher backbone's cls token after its final norm,
@@ -176,6 +179,29 @@ class _Encode(torch.nn.Module):
         return self.backbone.encode(images)
 
 
+def lightly_draw(seed: int) -> LightlyExample:
+    """lightly's example model as `run_lightly` draws it at `seed` (its initial weights)."""
+    torch.manual_seed(seed)
+    random.seed(seed)  # lightly's block masks draw from Python's random
+    return LightlyExample(img_size=64, patch_size=8)
+
+
+def ours_state_from_lightly(peer: LightlyExample, ours: IBOT) -> dict[str, Tensor]:
+    """The peer's weights as our `IBOT` state dict (timm ViT keys but `patch_embed.proj.*`, our `patch_embed.*`; the
+    head's `layers.*` is our `mlp.*`), with `ours`' centres. The shapes must agree (same sizes on both sides)."""
+    state = {}
+    for mine, vit in (("student", peer.student_backbone.vit), ("teacher", peer.teacher_backbone.vit)):
+        for key, value in vit.state_dict().items():
+            state[f"{mine}.backbone.{key.replace('patch_embed.proj.', 'patch_embed.')}"] = value.clone()
+    state["student.backbone.mask_token"] = peer.student_backbone.mask_token.detach().reshape(1, -1).clone()
+    for mine, head in (("student", peer.student_head), ("teacher", peer.teacher_head)):
+        for key, value in head.state_dict().items():
+            state[f"{mine}.head.{key.replace('layers.', 'mlp.')}"] = value.clone()
+    state["cls_center"] = ours.cls_center.clone()
+    state["patch_center"] = ours.patch_center.clone()
+    return state
+
+
 def _load_our_backbones(peer: LightlyExample, recipe_cfg: Any) -> None:
     """Bisection: our ViT's initial weights (the recipe's init, drawn by our `IBOT`) in place of timm's / lightly's
     in both of the peer's backbones (our keys are timm's but for `patch_embed.proj.*`); the heads stay lightly's."""
@@ -197,9 +223,7 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
     from lightly.models.utils import random_block_mask
     from lightly.transforms.ibot_transform import IBOTTransform
 
-    torch.manual_seed(seed)
-    random.seed(seed)  # lightly's block masks draw from Python's random
-    peer = LightlyExample(img_size=64, patch_size=8)
+    peer = lightly_draw(seed)
     recipe = load_config(RECIPE, [f"data.num_workers={workers}"])
     if "init" in swap:
         _load_our_backbones(peer, recipe)
@@ -249,17 +273,22 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
             "health": {k: losses[-1][k] for k in ("teacher_cls_entropy_frac", "teacher_cls_std")}}
 
 
-def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0, seed: int = 0) -> dict[str, Any]:
+def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0, seed: int = 0,
+             init_from_lightly: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Our recipe for `steps` steps. For bisection, `init_from_lightly` starts it from lightly's example's initial
+    weights at this seed (the draw `run_lightly` makes), so that the two runs share their start, and `overrides`
+    (`key=value`) change the recipe."""
     cfg = load_config(RECIPE, [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
                                "checkpoint.every=0", "checkpoint.resume=none", f"eval.knn_every={knn_every}",
-                               f"train.seed={seed}"])
-    init = knn_top1(teacher_backbone(cfg, None, torch.device("cpu")))
+                               f"train.seed={seed}", *overrides])
+    initial = ours_state_from_lightly(lightly_draw(seed), IBOT(cfg.model, cfg.loss)) if init_from_lightly else None
+    init = knn_top1(teacher_backbone(cfg, initial, torch.device("cpu")))
     # A stronger baseline than the init (whose LayerScale 1e-5 gives every image nearly the same feature): the same
     # ViT randomly initialised without LayerScale, i.e. random features.
-    plain = load_config(RECIPE, ["model.layerscale=0"])
+    plain = load_config(RECIPE, ["model.layerscale=0", f"train.seed={seed}"])  # this seed's draw
     random_features = knn_top1(teacher_backbone(plain, None, torch.device("cpu")))
     start = time.perf_counter()
-    last = train(cfg)
+    last = train(cfg, initial_state=initial)
     seconds = time.perf_counter() - start
     state, cfg, _ = read_checkpoint(run_dir)
     final = knn_top1(teacher_backbone(cfg, state, torch.device("cpu")))
@@ -282,14 +311,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--knn-every", type=int, default=100, help="k-NN of both runs every N steps (a learning curve)")
     p.add_argument("--swap", action="append", choices=["data", "init"], default=[],
                    help="bisection: run lightly's loop with our data stream and masks / our ViT init (repeatable)")
+    p.add_argument("--ours-init", choices=["own", "lightly"], default="own",
+                   help="bisection: lightly = our engine starts from lightly's example's initial weights at each seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="bisection: a config override of our recipe (repeatable)")
     p.add_argument("--stop-after", type=int, help="bisection: end after N steps (the schedules still span --steps)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="seeds (init, data order, views, masks); several: both sides per seed, and the mean")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    bisecting = bool(args.swap or args.stop_after)
-    if bisecting and (args.only != "lightly" or args.out is None):
+    if (args.swap or args.stop_after) and (args.only != "lightly" or args.out is None):
         p.error("--swap / --stop-after are bisection runs: use them with --only lightly and an --out file")
+    if (args.ours_init != "own" or args.overrides) and (args.only != "ours" or args.out is None):
+        p.error("--ours-init / --set are bisection runs: use them with --only ours and an --out file")
     steps = 4 if args.quick else args.steps
     env = environment("cpu", "benchmarks.peer_learning")
     import lightly
@@ -304,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         for i, seed in enumerate(args.seed):  # seed by seed, both sides; the report is rewritten after each seed,
             if "ours" in sides:  # so a run cut short still leaves its finished, paired seeds
                 results["ours"][seed] = run_ours(steps, workers=args.workers, run_dir=Path(tmp) / f"ours_{seed}",
-                                                 knn_every=args.knn_every, seed=seed)
+                                                 knn_every=args.knn_every, seed=seed,
+                                                 init_from_lightly=args.ours_init == "lightly",
+                                                 overrides=tuple(args.overrides))
             if "lightly" in sides:
                 results["lightly"][seed] = run_lightly(steps, workers=args.workers, knn_every=args.knn_every,
                                                        swap=frozenset(args.swap), stop_after=args.stop_after,
@@ -322,6 +358,10 @@ def report(results: dict[str, dict[int, dict[str, Any]]], steps: int, seeds: lis
     """The markdown report of the finished `seeds`: one row per side and seed, the per-seed gap, and with several
     seeds the means."""
     names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
+    if args.ours_init == "lightly":
+        names["ours"] += " from lightly's initial weights"
+    if args.overrides:
+        names["ours"] += f" with {' '.join(f'`{o}`' for o in args.overrides)}"
     if args.swap:
         names["lightly"] += f" with our {' and '.join(sorted(args.swap))}"
     if args.stop_after:

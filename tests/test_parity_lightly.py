@@ -52,7 +52,12 @@ lightly = pytest.importorskip("lightly")
 pytest.importorskip("timm")
 from lightly.loss import DINOLoss, IBOTPatchLoss  # noqa: E402
 
-from benchmarks.peer_learning import LightlyExample, lightly_example_step, lightly_schedules  # noqa: E402
+from benchmarks.peer_learning import (  # noqa: E402
+    LightlyExample,
+    lightly_example_step,
+    lightly_schedules,
+    ours_state_from_lightly,
+)
 
 B, K, STEPS = 4, 256, 3
 WARMUP_STEPS = 2  # teacher temperature warm-up: data.builtin_size=16 / B = 4 steps per epoch, 0.5 epochs
@@ -78,21 +83,6 @@ def _cfg():
     ])
 
 
-def _load_into_ours(ours: IBOT, peer: LightlyExample) -> None:
-    """Copy the peer's weights into our model (timm ViT keys: `patch_embed.proj.*` is our `patch_embed.*`)."""
-    state = {}
-    for mine, vit in (("student", peer.student_backbone.vit), ("teacher", peer.teacher_backbone.vit)):
-        for key, value in vit.state_dict().items():
-            state[f"{mine}.backbone.{key.replace('patch_embed.proj.', 'patch_embed.')}"] = value
-    state["student.backbone.mask_token"] = peer.student_backbone.mask_token.reshape(1, -1)
-    for mine, head in (("student", peer.student_head), ("teacher", peer.teacher_head)):
-        for key, value in head.state_dict().items():
-            state[f"{mine}.head.{key.replace('layers.', 'mlp.')}"] = value
-    state["cls_center"] = ours.cls_center
-    state["patch_center"] = ours.patch_center
-    ours.load_state_dict(state, strict=True)
-
-
 def _peer_name(ours_name: str) -> str:
     """Our student parameter name -> the name in `lightly_example_step`'s gradient snapshot."""
     name = ours_name.replace("patch_embed.", "patch_embed.proj.").replace("head.mlp.", "head.layers.")
@@ -107,7 +97,7 @@ def _run(perturb=None) -> dict[str, float]:
     torch.manual_seed(0)
     peer = LightlyExample(img_size=32, patch_size=8, out_dim=K, hidden_dim=64, bottleneck_dim=32, drop_path=0.0)
     ours = IBOT(cfg.model, cfg.loss)
-    _load_into_ours(ours, peer)
+    ours.load_state_dict(ours_state_from_lightly(peer, ours), strict=True)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     optimizer = build_optimizer(ours.student, cfg.optim, env.device)
     t = Trainer(cfg=cfg, env=env, model=ours, student=ours.student, optimizer=optimizer,

@@ -39,19 +39,20 @@ from engine.train.trainer import Trainer, build_trainer
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns the last logged metrics."""
+def train(cfg: Config, initial_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the last logged metrics. `initial_state`: starting weights in place
+    of the random draw (`build_trainer`), e.g. another implementation's draw for a paired comparison."""
     env = init_distributed()
     setup_logging(env.rank)
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, initial_state)
     finally:
         teardown()
 
 
-def _train(cfg: Config, env: DistEnv) -> dict[str, Any]:
+def _train(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None) -> dict[str, Any]:
     run_dir = _prepare_run_dir(cfg, env)
-    t = build_trainer(cfg, env)
+    t = build_trainer(cfg, env, initial_state)
     _resume(t, run_dir)
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     _log_run_summary(t, amp_dtype)

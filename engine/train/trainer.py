@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from engine.checkpoint import Checkpointer, ShardedCheckpointer
 from engine.config import Config
@@ -40,7 +40,9 @@ class Trainer:
         return self.data.steps_per_epoch // self.cfg.train.accum_steps
 
 
-def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
+def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None = None) -> Trainer:
+    """`initial_state`: the model's starting weights (a full `IBOT` state dict, the same on every rank) in place of
+    the config's random draw, loaded before the strategy wraps the model; a checkpoint resumed later replaces it."""
     check_strategy(cfg, env)
     check_attention(cfg.model.attention, cfg.model.sdpa_backend, env.device)  # before the data and the model
     torch.manual_seed(cfg.train.seed)
@@ -53,7 +55,10 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     if data.steps_per_epoch < cfg.train.accum_steps:
         raise ValueError(f"train.accum_steps={cfg.train.accum_steps} is more than the {data.steps_per_epoch} batches "
                          "of an epoch; lower it or train.batch_size")
-    model = IBOT(cfg.model, cfg.loss).to(env.device)
+    model = IBOT(cfg.model, cfg.loss)
+    if initial_state is not None:
+        model.load_state_dict(initial_state, strict=True)
+    model = model.to(env.device)
     apply_train_options(model, cfg.train)  # activation checkpointing, compile: before the DDP / FSDP2 wrap
     student = apply_strategy(model, cfg, env)  # engine/train/parallel.py: none, DDP or FSDP2 (teacher too)
     optimizer = build_optimizer(model.student, cfg.optim, env.device)

@@ -253,3 +253,21 @@ def test_fsdp_in_one_process_with_async_save_saves_and_resumes(tmp_path, monkeyp
     state_b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000006")["model"]
     for k in state_a:
         assert torch.equal(state_a[k], state_b[k]), k
+
+
+def test_a_run_starts_from_given_weights_in_place_of_its_draw(tmp_path):
+    """`train(cfg, initial_state=...)` / `build_trainer`: the model starts from those weights (a paired comparison
+    with another implementation's draw, benchmarks/peer_learning.py --ours-init lightly), not from the seed's."""
+    from engine.distributed import DistEnv
+    from engine.model.ibot import IBOT
+    from engine.train.trainer import build_trainer
+
+    cfg = _cfg(tmp_path, "train.steps=1")
+    torch.manual_seed(123)  # another draw than train.seed's
+    given = {k: v.clone() for k, v in IBOT(cfg.model, cfg.loss).state_dict().items()}
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    own = build_trainer(cfg, env).model.state_dict()
+    started = build_trainer(cfg, env, initial_state=given).model.state_dict()
+    assert started.keys() == given.keys()
+    assert all(torch.equal(started[k], given[k]) for k in given)
+    assert not torch.equal(own["student.backbone.pos_embed"], given["student.backbone.pos_embed"])
