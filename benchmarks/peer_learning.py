@@ -53,6 +53,7 @@ from engine.eval.features import extract_features, teacher_backbone
 from engine.eval.knn import weighted_knn
 from engine.health import HEALTH_KEYS, health_metrics
 from engine.model.ibot import IBOT
+from engine.tools.export import backbone_state, from_timm, to_timm
 from engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,12 +188,11 @@ def lightly_draw(seed: int) -> LightlyExample:
 
 
 def ours_state_from_lightly(peer: LightlyExample, ours: IBOT) -> dict[str, Tensor]:
-    """The peer's weights as our `IBOT` state dict (timm ViT keys but `patch_embed.proj.*`, our `patch_embed.*`; the
-    head's `layers.*` is our `mlp.*`), with `ours`' centres. The shapes must agree (same sizes on both sides)."""
+    """The peer's weights as our `IBOT` state dict (timm's ViT keys through `from_timm`; the head's `layers.*` is our
+    `mlp.*`), with `ours`' centres. The shapes must agree (same sizes on both sides)."""
     state = {}
     for mine, vit in (("student", peer.student_backbone.vit), ("teacher", peer.teacher_backbone.vit)):
-        for key, value in vit.state_dict().items():
-            state[f"{mine}.backbone.{key.replace('patch_embed.proj.', 'patch_embed.')}"] = value.clone()
+        state.update({f"{mine}.backbone.{k}": v.clone() for k, v in from_timm(vit.state_dict()).items()})
     state["student.backbone.mask_token"] = peer.student_backbone.mask_token.detach().reshape(1, -1).clone()
     for mine, head in (("student", peer.student_head), ("teacher", peer.teacher_head)):
         for key, value in head.state_dict().items():
@@ -204,12 +204,10 @@ def ours_state_from_lightly(peer: LightlyExample, ours: IBOT) -> dict[str, Tenso
 
 def _load_our_backbones(peer: LightlyExample, recipe_cfg: Any) -> None:
     """Bisection: our ViT's initial weights (the recipe's init, drawn by our `IBOT`) in place of timm's / lightly's
-    in both of the peer's backbones (our keys are timm's but for `patch_embed.proj.*`); the heads stay lightly's."""
+    in both of the peer's backbones (keys through `to_timm`); the heads stay lightly's."""
     ours = IBOT(recipe_cfg.model, recipe_cfg.loss).state_dict()
     for side, backbone in (("student", peer.student_backbone), ("teacher", peer.teacher_backbone)):
-        keys = backbone.vit.state_dict().keys()
-        backbone.vit.load_state_dict({k: ours[f"{side}.backbone.{k.replace('patch_embed.proj.', 'patch_embed.')}"]
-                                      for k in keys})
+        backbone.vit.load_state_dict(to_timm(backbone_state(ours, side)))
     peer.student_backbone.mask_token.data.copy_(ours["student.backbone.mask_token"].reshape(1, 1, -1))
 
 

@@ -59,6 +59,12 @@ def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {_TIMM_RENAMES.get(k, k): v for k, v in state.items()}
 
 
+def from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm's `VisionTransformer` key names -> our backbone key names (the inverse of `to_timm`)."""
+    ours = {timm: mine for mine, timm in _TIMM_RENAMES.items()}
+    return {ours.get(k, k): v for k, v in state.items()}
+
+
 def timm_kwargs(cfg: Config) -> dict[str, Any]:
     """Arguments of `timm.create_model(TIMM_NAMES[arch], pretrained=False, **kwargs)` that match our backbone."""
     kwargs: dict[str, Any] = {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size, "num_classes": 0}
