@@ -1,1 +1,1 @@
-"""Benchmark scripts (not tests): `python -m benchmarks.kernels`. Reports go to `benchmarks/results/`."""
+"""Benchmark scripts (not tests): `python -m ibot_benchmarks.kernels`. Reports go to `benchmarks/results/`."""

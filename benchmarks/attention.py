@@ -1,7 +1,7 @@
 """Attention backends compared: the op alone and the whole student backbone, packed and unpacked crops.
 
-    python -m benchmarks.attention                      # CUDA: ViT-S/16 and ViT-B/16, B = 64, bf16
-    python -m benchmarks.attention --device cpu --quick --out /tmp/attention.md        # smoke run of the script
+    python -m ibot_benchmarks.attention                      # CUDA: ViT-S/16 and ViT-B/16, B = 64, bf16
+    python -m ibot_benchmarks.attention --device cpu --quick --out /tmp/attention.md        # smoke run of the script
 
 Part 1 (op): fwd+bwd of attention alone on the iBOT crop recipe, 2 x 224 px (197 tokens) and 10 x 96 px (37 tokens)
 per image, head dim 64: one call per resolution for each unpacked backend (sdpa auto / cudnn / flash / efficient /
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench, environment, markdown_table, report_header, save_report
-from engine.model.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, attend, check_attention, make_packing
-from engine.model.vit import ARCHS, VisionTransformer
+from ibot_benchmarks.common import bench, environment, markdown_table, report_header, save_report
+from ibot_engine.model.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, attend, check_attention, make_packing
+from ibot_engine.model.vit import ARCHS, VisionTransformer
 
-log = logging.getLogger("benchmarks.attention")
+log = logging.getLogger("ibot_benchmarks.attention")
 
 
 def _crops(quick: bool) -> tuple[int, int, int, int, int]:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     archs = ["vit_tiny"] if args.quick else args.archs.split(",")
     B, gpx, lpx, patch, L = _crops(args.quick)
-    env = environment(args.device, "benchmarks.attention")
+    env = environment(args.device, "ibot_benchmarks.attention")
     parts = report_header("Attention backends", env)
     parts += [f"- crops per image: 2 x {gpx} px + {L} x {lpx} px, patch {patch}, B = {B}, {str(dtype)[6:]}", ""]
     op = [row for arch in archs for row in op_rows(arch, args.device, dtype, args.quick)]

@@ -110,7 +110,7 @@ def device_slug(device: str) -> str:
     return words[0] if words else "gpu"
 
 
-def environment(device: str, script: str = "benchmarks.kernels") -> dict[str, str]:
+def environment(device: str, script: str = "ibot_benchmarks.kernels") -> dict[str, str]:
     try:
         import triton
 

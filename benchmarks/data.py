@@ -34,9 +34,9 @@ Data: realistic JPEG shards (benchmarks/make_shards.py, ~500 x 375, quality 90),
 unless --shards is given; the image folder is the shards' JPEGs extracted next to them (`<shards>_folder`) unless
 --folder is given.
 
-    python -m benchmarks.data                          # defaults: workers 0,1,2,4,8,16 (up to the CPU count)
-    python -m benchmarks.data --workers 0,1,2 --paths official,cpu --batches 8      # the CPU comparison
-    python -m benchmarks.data --sources shards --paths cpu,gpu --train-workers ""   # a short GPU-path run
+    python -m ibot_benchmarks.data                          # defaults: workers 0,1,2,4,8,16 (up to the CPU count)
+    python -m ibot_benchmarks.data --workers 0,1,2 --paths official,cpu --batches 8      # the CPU comparison
+    python -m ibot_benchmarks.data --sources shards --paths cpu,gpu --train-workers ""   # a short GPU-path run
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, device_name, device_slug, git_sha, markdown_table
-from engine.config import DataConfig, MaskConfig
-from engine.data import contract, transforms
-from engine.data.folder import IMAGE_EXTENSIONS
-from engine.data.shards.resolve import MANIFEST
-from engine.data.stream import build_data_stream
+from ibot_benchmarks.common import RESULTS_DIR, device_name, device_slug, git_sha, markdown_table
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data import contract, transforms
+from ibot_engine.data.folder import IMAGE_EXTENSIONS
+from ibot_engine.data.shards.resolve import MANIFEST
+from ibot_engine.data.stream import build_data_stream
 
 VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (the project's goal)
 TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "vit_s16.yaml"
@@ -87,7 +87,7 @@ def augmenter_for(path: str) -> Iterator[None]:
     if path != "official":
         yield
         return
-    from benchmarks.official_aug import OfficialAugmenter
+    from ibot_benchmarks.official_aug import OfficialAugmenter
 
     build = contract.build_augmenter
 
@@ -157,7 +157,7 @@ def measure(source: str, data: str, path: str, workers: int, args: argparse.Name
 
 def train_data_wait(shards: str, path: str, workers: int, args: argparse.Namespace) -> dict:
     """`ibot bench --data` on the shards with `path`'s transforms: step ms, img/s and the data-wait share."""
-    from engine.cli import main as ibot
+    from ibot_engine.cli import main as ibot
 
     with tempfile.TemporaryDirectory(prefix="ibot-data-wait-") as tmp, augmenter_for(path):
         out = Path(tmp) / "bench.md"
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
     if shards is None:
         shards = args.cache
         if not (Path(shards) / MANIFEST).is_file():
-            from benchmarks.make_shards import make_shards
+            from ibot_benchmarks.make_shards import make_shards
 
             make_shards(shards, images=args.images)
     sources = [s for s in args.sources.split(",") if s]
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> Path:
         ("load average (1 min)", f"{load_before:.2f} before, {load_after:.2f} after the runs "
                                  "(other processes on the machine share its CPUs)"),
         ("git", git_sha()),
-        ("command", " ".join(["python -m benchmarks.data", *(argv if argv is not None else sys.argv[1:])])),
+        ("command", " ".join(["python -m ibot_benchmarks.data", *(argv if argv is not None else sys.argv[1:])])),
         ("data", data_description(shards) + (f"; image folder {data['folder']}: the same JPEGs"
                                              if "folder" in sources else "")),
         ("per image", f"2 x {args.global_size} + {args.num_local} x {args.local_size} crops, full iBOT "
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> Path:
     if device.type != "cuda" and "gpu" in paths:
         sections += ["No GPU on this machine: the GPU-path rows ran their torch ops on the CPU (in the training "
                      "process) and do not measure GPU speed. GPU numbers are unmeasured here; on a CUDA machine run "
-                     "`python -m benchmarks.data` (one command) to measure them.", ""]
+                     "`python -m ibot_benchmarks.data` (one command) to measure them.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(sections))
     print(f"wrote {out}")

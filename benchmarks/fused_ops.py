@@ -1,11 +1,11 @@
 """torch's fused AdamW and LayerNorm against NVIDIA apex's FusedAdam and FusedLayerNorm, in the same run.
 
-    python -m benchmarks.fused_ops                         # CUDA: ViT-S/16 and ViT-B/16 parameter sets and tokens
-    python -m benchmarks.fused_ops --device cpu --quick --out /tmp/fused_ops.md      # smoke run of the script
+    python -m ibot_benchmarks.fused_ops                         # CUDA: ViT-S/16 and ViT-B/16 parameter sets and tokens
+    python -m ibot_benchmarks.fused_ops --device cpu --quick --out /tmp/fused_ops.md      # smoke run of the script
 
 Rows: one optimizer step over the student's real parameter list (the iBOT decay / no-decay groups, gradients set),
 and LayerNorm fwd+bwd over one step's tokens (2 x 197 + 10 x 37 per image, B = 64) at the model width, bf16 on
-CUDA. apex rows appear only when NVIDIA apex is importable with its CUDA extensions (`engine.accel.nvidia_apex`);
+CUDA. apex rows appear only when NVIDIA apex is importable with its CUDA extensions (`ibot_engine.accel.nvidia_apex`);
 otherwise the report says so and keeps torch's rows. The faster of each pair is named: it is what
 `optim.impl` / `model.norm_impl` should default to on that card.
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench, environment, markdown_table, report_header, save_report
-from engine.accel import fused_adam, nvidia_apex
-from engine.config import load_config
-from engine.model.ibot import IBOTNetwork
-from engine.train.optim import apply_hyperparams, build_optimizer, param_groups
+from ibot_benchmarks.common import bench, environment, markdown_table, report_header, save_report
+from ibot_engine.accel import fused_adam, nvidia_apex
+from ibot_engine.config import load_config
+from ibot_engine.model.ibot import IBOTNetwork
+from ibot_engine.train.optim import apply_hyperparams, build_optimizer, param_groups
 
-log = logging.getLogger("benchmarks.fused_ops")
+log = logging.getLogger("ibot_benchmarks.fused_ops")
 
 
 def optimizer_rows(arch: str, device: str, quick: bool) -> list[tuple[str, str, float]]:
@@ -48,7 +48,7 @@ def optimizer_rows(arch: str, device: str, quick: bool) -> list[tuple[str, str, 
 
 
 def layernorm_rows(arch: str, device: str, quick: bool) -> list[tuple[str, str, float]]:
-    from engine.model.vit import ARCHS
+    from ibot_engine.model.vit import ARCHS
 
     dim = ARCHS[arch].embed_dim
     tokens = 2 * 2 * 5 + 2 * 10 * 2 if quick else 64 * (2 * 197 + 10 * 37)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     archs = ["vit_tiny"] if args.quick else ["vit_small", "vit_base"]
     rows = [r for arch in archs for r in optimizer_rows(arch, args.device, args.quick)]
     rows += [r for arch in archs for r in layernorm_rows(arch, args.device, args.quick)]
-    env = environment(args.device, "benchmarks.fused_ops")
+    env = environment(args.device, "ibot_benchmarks.fused_ops")
     parts = report_header("Fused AdamW and LayerNorm, torch vs apex", env)
     apex_state = "installed" if nvidia_apex() is not None else "not installed (torch rows only)"
     parts += [f"- NVIDIA apex: {apex_state}", ""]

@@ -57,45 +57,45 @@ quick)
     step tests 150 "" python -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or interpreter" tests/kernels \
         tests/model/test_attention.py tests/data/test_gpu_aug.py tests/data/test_shards.py tests/train/test_sync_guard.py
     # 2. No host sync in the step, on the device (the dispatch guard and CUDA's own sync debug mode).
-    step sync_check 60 "sync_check_$DAY.md" python -m benchmarks.sync_check --out "$OUT/sync_check_$DAY.md"
+    step sync_check 60 "sync_check_$DAY.md" python -m ibot_benchmarks.sync_check --out "$OUT/sync_check_$DAY.md"
     # 3. The step against lightly's, ViT-S/16, B = 64, bf16, eager (no cold compiles in this call).
-    step bench_vit_s16 150 "bench_vit_small16_eager_compare_lightly_$DAY.md" python -m engine bench \
+    step bench_vit_s16 150 "bench_vit_small16_eager_compare_lightly_$DAY.md" python -m ibot_engine bench \
         --config launch/configs/vit_s16.yaml $W train.compile=false --steps 20 --warmup 5 --compare lightly \
         --out "$OUT/bench_vit_small16_eager_compare_lightly_$DAY.md"
     # 4. Kernels as the step calls them, Triton vs eager (no compiled rows).
-    step kernel_bench 60 "kernels_$DAY.md" python -m benchmarks.kernels --providers triton,reference \
+    step kernel_bench 60 "kernels_$DAY.md" python -m ibot_benchmarks.kernels --providers triton,reference \
         --out "$OUT/kernels_$DAY.md"
     # 5. The GPU data path on the carried JPEG shards.
-    step data_bench 60 "data_$DAY.md" python -m benchmarks.data --shards gpu_carry/bench_shards --workers 0,8 \
+    step data_bench 60 "data_$DAY.md" python -m ibot_benchmarks.data --shards gpu_carry/bench_shards --workers 0,8 \
         --sources shards --paths cpu,gpu --train-workers "" --batches 5 --out "$OUT/data_$DAY.md"
     ;;
 more1)
-    step bench_vit_s16 180 "bench_vit_small16_b64_compare_lightly_$DAY.md" python -m engine bench \
+    step bench_vit_s16 180 "bench_vit_small16_b64_compare_lightly_$DAY.md" python -m ibot_engine bench \
         --config launch/configs/vit_s16.yaml $W train.compile=true --steps 30 --warmup 10 --compare lightly \
         --out "$OUT/bench_vit_small16_b64_compare_lightly_$DAY.md"
-    step bench_vit_b16 180 "bench_vit_base16_b64_compare_lightly_$DAY.md" python -m engine bench \
+    step bench_vit_b16 180 "bench_vit_base16_b64_compare_lightly_$DAY.md" python -m ibot_engine bench \
         --config launch/configs/vit_b16.yaml $W train.compile=true --steps 30 --warmup 10 --compare lightly \
         --out "$OUT/bench_vit_base16_b64_compare_lightly_$DAY.md"
-    step max_batch_vit_b16 120 "bench_vit_base16_max_batch_$DAY.md" python -m engine bench \
+    step max_batch_vit_b16 120 "bench_vit_base16_max_batch_$DAY.md" python -m ibot_engine bench \
         --config launch/configs/vit_b16.yaml $W train.compile=false --steps 3 --warmup 1 --compare lightly \
         --find-max-batch --max-batch 4096 --out "$OUT/bench_vit_base16_max_batch_$DAY.md"
     ;;
 more2)
-    step kernel_bench_compiled 150 "kernels_compiled_$DAY.md" python -m benchmarks.kernels \
+    step kernel_bench_compiled 150 "kernels_compiled_$DAY.md" python -m ibot_benchmarks.kernels \
         --out "$OUT/kernels_compiled_$DAY.md"
-    step attention_bench 100 "attention_$DAY.md" python -m benchmarks.attention --no-compile \
+    step attention_bench 100 "attention_$DAY.md" python -m ibot_benchmarks.attention --no-compile \
         --out "$OUT/attention_$DAY.md"
-    step profile_vit_s16 100 "profile_vit_s16/summary.md profile_vit_s16/trace.json.gz" python -m engine profile \
+    step profile_vit_s16 100 "profile_vit_s16/summary.md profile_vit_s16/trace.json.gz" python -m ibot_engine profile \
         --config launch/configs/vit_s16.yaml $W --wait 1 --warmup 1 --active 2 --out "$OUT/profile_vit_s16"
     [ "$DRY" = 1 ] || { rm -rf "$OUT/profile_vit_s16/tb"; gzip -f "$OUT/profile_vit_s16/trace.json" 2>/dev/null; }
     ;;
 more3)
-    step data_bench 200 "data_workers_$DAY.md" python -m benchmarks.data --shards gpu_carry/bench_shards \
+    step data_bench 200 "data_workers_$DAY.md" python -m ibot_benchmarks.data --shards gpu_carry/bench_shards \
         --workers 0,8,16 --sources shards --paths official,cpu,gpu --train-workers "" --batches 10 \
         --out "$OUT/data_workers_$DAY.md"
-    step fused_ops 60 "fused_ops_$DAY.md" python -m benchmarks.fused_ops --out "$OUT/fused_ops_$DAY.md"
-    step fsdp_smoke 90 "" torchrun --standalone --nproc-per-node=1 -m engine train \
-        --config launch/configs/demo_cpu.yaml distributed.strategy=fsdp precision=bf16 data.augment=gpu train.steps=30 \
+    step fused_ops 60 "fused_ops_$DAY.md" python -m ibot_benchmarks.fused_ops --out "$OUT/fused_ops_$DAY.md"
+    step fsdp_smoke 90 "" torchrun --standalone --nproc-per-node=1 -m ibot_engine train \
+        --config engine/configs/demo_cpu.yaml distributed.strategy=fsdp precision=bf16 data.augment=gpu train.steps=30 \
         train.log_every=10 checkpoint.every=30 checkpoint.async_save=true run.dir=/tmp/gpu_check_fsdp_smoke
     ;;
 *)

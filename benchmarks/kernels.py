@@ -1,7 +1,7 @@
 """Kernel benchmarks: Triton vs the eager reference vs `torch.compile(reference)`, per kernel and shape.
 
-    python -m benchmarks.kernels                 # CUDA, the issue's shapes; writes results/kernels_<gpu>_<yyyymm>.md
-    python -m benchmarks.kernels --device cpu --quick --out /tmp/kernels.md      # smoke run, reference only
+    python -m ibot_benchmarks.kernels                 # CUDA, the issue's shapes -> results/kernels_<gpu>_<yyyymm>.md
+    python -m ibot_benchmarks.kernels --device cpu --quick --out /tmp/kernels.md      # smoke run, reference only
 
 Reported per row: median ms (20th-80th percentile), achieved GB/s over the bytes that must move, that as a share of
 the measured copy bandwidth, the bandwidth floor (those bytes over the copy bandwidth) and the time as a multiple
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (
+from ibot_benchmarks.common import (
     Timing,
     bench,
     copy_bandwidth,
@@ -40,11 +40,11 @@ from benchmarks.common import (
     report_header,
     save_report,
 )
-from kernels.dispatch import optional_module
-from kernels.ema.reference import ema_update_ as ema_reference_
-from kernels.ibot_ce.reference import centered_softmax_cross_entropy as ce_reference
+from ibot_kernels.dispatch import optional_module
+from ibot_kernels.ema.reference import ema_update_ as ema_reference_
+from ibot_kernels.ibot_ce.reference import centered_softmax_cross_entropy as ce_reference
 
-log = logging.getLogger("benchmarks.kernels")
+log = logging.getLogger("ibot_benchmarks.kernels")
 
 CE_SHAPES = [(3763, 8192), (25088, 8192), (7680, 65536)]  # cls+patch of ViT-S B=64; patch loss; dinov2's K
 CE_SHAPES_QUICK = [(64, 1000), (37, 4096)]
@@ -115,7 +115,7 @@ def _ce_providers(providers: list[str]) -> dict[str, Callable]:
     out = {}
     for name in providers:
         if name == "triton":
-            module = optional_module("kernels.ibot_ce.triton")
+            module = optional_module("ibot_kernels.ibot_ce.triton")
             if module is not None:
                 out[name] = module.centered_softmax_cross_entropy
         elif name == "reference":
@@ -178,7 +178,7 @@ def run_ema(device: str, quick: bool, providers: list[str]) -> list[Row]:
     fns: dict[str, Callable] = {}
     for name in providers:
         if name == "triton":
-            module = optional_module("kernels.ema.triton")
+            module = optional_module("ibot_kernels.ema.triton")
             if module is not None:
                 fns[name] = module.ema_update_
         elif name == "reference":

@@ -8,9 +8,9 @@ the package's data folder is read (located without importing scikit-image, so it
 Each image is a random crop (25-100% of the photograph's area, aspect 4:3 or 3:4 with a little jitter) of a random
 photograph, resized to about 500 x 375 (ImageNet's median size) with bicubic filtering, randomly flipped and
 slightly re-coloured, saved as JPEG quality 90 (~60-110 KB, like ImageNet's). The images are written to a folder
-and turned into shards by the engine's own writer (`engine.data.shards.write_shards`), as users would.
+and turned into shards by the engine's own writer (`ibot_engine.data.shards.write_shards`), as users would.
 
-    python -m benchmarks.make_shards OUT [--images 2000] [--max-count 500] [--seed 0]
+    python -m ibot_benchmarks.make_shards OUT [--images 2000] [--max-count 500] [--seed 0]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from engine.data.shards.write import write_shards
+from ibot_engine.data.shards.write import write_shards
 
 PHOTOGRAPHS = (
     "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "motorcycle_left.png",

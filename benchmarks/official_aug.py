@@ -21,10 +21,10 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 from torchvision import transforms
 
-from engine.config import DataConfig
-from engine.data.augment import CpuAugmenter
-from engine.data.batch import MultiCropCollate
-from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.config import DataConfig
+from ibot_engine.data.augment import CpuAugmenter
+from ibot_engine.data.batch import MultiCropCollate
+from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GaussianBlur:

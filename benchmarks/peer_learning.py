@@ -1,19 +1,19 @@
 """Learning on real images, ours against lightly's iBOT example: same data, same number of steps, same k-NN.
 
-    python -m benchmarks.peer_learning          # 300 steps each, report -> results/peer_learning_cpu<N>core_<yyyymm>.md
-    python -m benchmarks.peer_learning --steps 60 --out /tmp/p.md
-    python -m benchmarks.peer_learning --quick --out /tmp/p.md   # smoke: a few steps, no claim
-    python -m benchmarks.peer_learning --seed 0 1 2 3   # both sides per seed, and the means (a run is ~25 min here)
-    python -m benchmarks.peer_learning --only lightly --swap data --stop-after 100 --knn-every 50 --out /tmp/b.md
+    python -m ibot_benchmarks.peer_learning          # 300 steps each -> results/peer_learning_cpu<N>core_<yyyymm>.md
+    python -m ibot_benchmarks.peer_learning --steps 60 --out /tmp/p.md
+    python -m ibot_benchmarks.peer_learning --quick --out /tmp/p.md   # smoke: a few steps, no claim
+    python -m ibot_benchmarks.peer_learning --seed 0 1 2 3   # both sides per seed, and the means (~25 min a run here)
+    python -m ibot_benchmarks.peer_learning --only lightly --swap data --stop-after 100 --knn-every 50 --out /tmp/b.md
         # bisection: lightly's loop fed by our data stream and masks (--swap init: from our ViT's init)
-    python -m benchmarks.peer_learning --only ours --ours-init lightly --knn-every 50 --out /tmp/c.md
+    python -m ibot_benchmarks.peer_learning --only ours --ours-init lightly --knn-every 50 --out /tmp/c.md
         # bisection: our engine from lightly's initial weights (with --swap data above: the same start and stream);
         # --set KEY=VALUE changes our recipe (e.g. --set optim.decay_all=true --set model.drop_path_uniform=true)
 
 Data: `builtin:digits` (scikit-learn's 1,797 handwritten-digit scans, 64 x 64 RGB, 1,437 train / 360 val).
 k-NN protocol for both, at random init and after training: the teacher backbone's cls token after its final norm,
 L2-normalised, weighted k-NN (k = 20, T = 0.07) with the train split as memory and the val split as queries, images
-resized to 64 px (`engine.eval.knn`).
+resized to 64 px (`ibot_engine.eval.knn`).
 
 * lightly: its iBOT example (lightly 1.6, `examples/pytorch/ibot.py`) changed only in size, as a user would run it on
   this data: timm ViT-tiny patch 8 at 64 px (LayerScale 1e-5, MAE init as the example's wrapper does), K = 1024,
@@ -43,18 +43,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.common import RESULTS_DIR, environment, markdown_table, report_header, save_report
-from engine.checkpoint import read_checkpoint
-from engine.config import load_config
-from engine.data.digits import digits_folder
-from engine.data.folder import ImageFolderDataset
-from engine.data.stream import build_data_stream
-from engine.eval.features import extract_features, teacher_backbone
-from engine.eval.knn import weighted_knn
-from engine.health import HEALTH_KEYS, health_metrics
-from engine.model.ibot import IBOT
-from engine.tools.export import backbone_state, from_timm, to_timm
-from engine.train.loop import train
+from ibot_benchmarks.common import RESULTS_DIR, environment, markdown_table, report_header, save_report
+from ibot_engine.checkpoint import read_checkpoint
+from ibot_engine.config import load_config
+from ibot_engine.data.digits import digits_folder
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.eval.features import extract_features, teacher_backbone
+from ibot_engine.eval.knn import weighted_knn
+from ibot_engine.health import HEALTH_KEYS, health_metrics
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.tools.export import backbone_state, from_timm, to_timm
+from ibot_engine.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "launch" / "configs" / "digits.yaml"
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.ours_init != "own" or args.overrides) and (args.only != "ours" or args.out is None):
         p.error("--ours-init / --set are bisection runs: use them with --only ours and an --out file")
     steps = 4 if args.quick else args.steps
-    env = environment("cpu", "benchmarks.peer_learning")
+    env = environment("cpu", "ibot_benchmarks.peer_learning")
     import lightly
     import timm
 

@@ -22,7 +22,7 @@ if [ ! -f gpu_carry/bench_shards/manifest.json ]; then
     skimage_dir=$(mktemp -d)
     python -m pip download -q --no-deps --only-binary=:all: -d "$skimage_dir" scikit-image
     python -m pip install -q --no-deps --target "$skimage_dir/pkg" "$skimage_dir"/scikit_image-*.whl
-    PYTHONPATH="$PWD:$skimage_dir/pkg" python -m benchmarks.make_shards gpu_carry/bench_shards --images 600 --max-count 200
+    PYTHONPATH="$PWD:$skimage_dir/pkg" python -m ibot_benchmarks.make_shards gpu_carry/bench_shards --images 600 --max-count 200
     rm -rf "$skimage_dir"
 fi
 du -sh gpu_carry

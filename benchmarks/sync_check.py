@@ -1,8 +1,8 @@
 """The host-sync rule on a real device: training steps under `HostSyncGuard` (engine/train/sync_guard.py) and, on
 CUDA, `torch.cuda.set_sync_debug_mode("error")`, for each loss variant; a markdown report of what passed.
 
-    python -m benchmarks.sync_check --out /tmp/sync.md                 # CUDA when available
-    python -m benchmarks.sync_check --device cpu --quick               # the guard alone (what CI tests)
+    python -m ibot_benchmarks.sync_check --out /tmp/sync.md                 # CUDA when available
+    python -m ibot_benchmarks.sync_check --device cpu --quick               # the guard alone (what CI tests)
 
 The config is the demo's ViT-tiny at 32 px on built-in data (the rule does not depend on the model's size), in
 bf16 on CUDA (fp32 on CPU); fp16 is not checked: its GradScaler reads the overflow flag on the host by design.
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, markdown_table, report_header, save_report
-from engine.config import load_config
-from engine.distributed import DistEnv
-from engine.train.sync_guard import guarded_steps
+from ibot_benchmarks.common import environment, markdown_table, report_header, save_report
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.distributed import DistEnv
+from ibot_engine.train.sync_guard import guarded_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"centre": [], "sinkhorn": ["loss.centering=sinkhorn"], "koleo": ["loss.koleo_weight=0.1"]}
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in list(VARIANTS.items())[: 1 if args.quick else None]:
-            cfg = load_config(ROOT / "launch" / "configs" / "demo_cpu.yaml", [
+            cfg = load_config(DEMO_CONFIG, [
                 "data.path=builtin:shapes", "data.builtin_size=256", f"run.dir={tmp}/{name}",
                 f"precision={'bf16' if device.type == 'cuda' else 'fp32'}", "data.num_workers=2", *overrides])
             try:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:  # the first sync found (HostSyncError or CUDA's), reported, then the next
                 rows.append([name, f"`{type(err).__name__}: {err}`".replace("|", "/"), "-"])
                 traceback.print_exc()
-    lines = [*report_header("Host syncs in the training step", environment(args.device, "benchmarks.sync_check")),
+    lines = [*report_header("Host syncs in the training step", environment(args.device, "ibot_benchmarks.sync_check")),
              "", f"{args.steps} steps per variant, each `train_step` under `HostSyncGuard`"
              + (" and `torch.cuda.set_sync_debug_mode('error')`" if device.type == "cuda" else "") + ".", "",
              markdown_table(["variant", "result", "last loss"], rows), ""]

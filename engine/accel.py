@@ -1,4 +1,5 @@
-"""Optional accelerators detected at run time: NVIDIA apex (FusedAdam, FusedLayerNorm).
+"""Optional accelerators detected at run time: NVIDIA apex (FusedAdam, FusedLayerNorm). The model's norm factory
+(`ibot_engine.model.vit.norm_layer`) and the optimizer builder ask here; this module imports neither.
 
 NVIDIA apex is built from source against the installed torch and CUDA; it is never a dependency. The PyPI package
 that is also named `apex` is an unrelated web toolkit: it imports as `apex` but has no `apex.optimizers`, so we
@@ -12,13 +13,9 @@ import functools
 import importlib
 import importlib.util
 import logging
-from functools import partial
 from types import ModuleType
-from typing import Any
 
 import torch
-
-from engine.model.vit import default_norm
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +49,6 @@ def apex_usable(what: str, device: torch.device) -> bool:
         return True
     _say_once(what, device.type)
     return False
-
-
-def norm_layer(impl: str) -> Any:
-    """The LayerNorm factory (dim -> module, eps 1e-6) for `model.norm_impl`. Parameters are named weight / bias
-    either way, so checkpoints move between the two; apex's FusedLayerNorm runs torch's kernel on CPU tensors."""
-    if impl == "apex" and apex_usable("model.norm_impl", torch.device("cuda")):
-        return partial(nvidia_apex().normalization.FusedLayerNorm, eps=1e-6)
-    return default_norm
 
 
 def fused_adam(param_groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import Config, config_from_dict
-from engine.distributed import barrier, get_rank
+from ibot_engine.config import Config, config_from_dict
+from ibot_engine.distributed import barrier, get_rank
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`ibot` command line (also `python -m engine`, which torchrun uses).
+"""`ibot` command line (also `python -m ibot_engine`, which torchrun uses).
 
     ibot train --config launch/configs/vit_s16.yaml optim.lr=1e-3 data.path=/data/in1k/train
     ibot demo                      # ViT-tiny on the built-in dataset: k-NN before/after, throughput, loss curve
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from engine.config import ConfigError, load_config
-from engine.preempt import REQUEUE_EXIT_CODE, Preempted
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo_cpu.yaml"
+from ibot_engine.config import ConfigError, load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.preempt import REQUEUE_EXIT_CODE, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,27 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     # torch, torchvision and the model (seconds on a small machine).
     try:
         if args.command == "train":
-            from engine.train.loop import train
+            from ibot_engine.train.loop import train
 
             train(load_config(args.config, args.overrides))
         elif args.command == "demo":
-            from engine.tools.demo import run_demo
+            from ibot_engine.tools.demo import run_demo
 
             run_demo(load_config(args.config, args.overrides))
         elif args.command == "eval":
-            from engine.eval.command import knn_main, linear_main
+            from ibot_engine.eval.command import knn_main, linear_main
 
             (knn_main if args.eval_command == "knn" else linear_main)(args)
         elif args.command == "export":
-            from engine.tools.export import export_main
+            from ibot_engine.tools.export import export_main
 
             export_main(args)
         elif args.command == "visualize":
-            from engine.tools.visualize import visualize_main
+            from ibot_engine.tools.visualize import visualize_main
 
             visualize_main(args)
         elif args.command == "shards":
-            from engine.data.shards.write import write_shards
+            from ibot_engine.data.shards.write import write_shards
 
             manifest = write_shards(
                 args.src, args.out, max_count=args.max_count, max_size=args.max_size, max_side=args.max_side,
@@ -156,16 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{manifest['total']} images in {len(manifest['shards'])} shards under {args.out}; "
                   f"{len(manifest['skipped'])} unreadable files skipped (listed in manifest.json)")
         elif args.command == "bench":
-            from engine.bench.command import bench_main
+            from ibot_engine.bench.command import bench_main
 
             args.argv = list(argv) if argv is not None else sys.argv[1:]
             bench_main(args, load_config(args.config, args.overrides))
         elif args.command == "profile":
-            from engine.bench.profile import profile_main
+            from ibot_engine.bench.profile import profile_main
 
             profile_main(args, load_config(args.config, args.overrides))
         elif args.command == "plot":
-            from engine.tools.plot import plot_health_run, plot_knn_run, plot_run
+            from ibot_engine.tools.plot import plot_health_run, plot_knn_run, plot_run
 
             print(plot_run(args.run_dir, args.out))
             for png in (plot_knn_run(args.run_dir), plot_health_run(args.run_dir)):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.tensorboard import open_writer, write_record
+from ibot_engine.tensorboard import open_writer, write_record
 
 _START = time.time()
 
@@ -97,7 +97,7 @@ class MetricLogger:
             self._progress.update(self._task, completed=record["step"], description=line.split("  lr")[0])
             self._progress.console.log(line)
         else:
-            logging.getLogger("engine.train").info(line)
+            logging.getLogger("ibot_engine.train").info(line)
 
     def close(self) -> None:
         if self._tensorboard is not None:

@@ -5,7 +5,7 @@
     L_patch = 1 / (G B) * sum_{global crops c} sum_{i in M_c} H(P_t^patch[c, i], P_s^patch[c, i]) / max(1, |M_c|)
 
 with P_t = softmax((t - centre) / tau_t) in fp32 and log P_s = log_softmax(s / tau_s), H(p, q) = -sum_k p_k log q_k.
-Every softmax goes through `kernels.centered_softmax_cross_entropy` (Triton on GPU, the PyTorch reference
+Every softmax goes through `ibot_kernels.centered_softmax_cross_entropy` (Triton on GPU, the PyTorch reference
 elsewhere). Centres are two buffers (cls, patch) updated after the loss with all-reduced batch statistics; the
 Sinkhorn-Knopp alternative (DINOv2) replaces them behind `loss.centering=sinkhorn`.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import centered_softmax_cross_entropy
+from ibot_kernels import centered_softmax_cross_entropy
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -134,7 +134,7 @@ def koleo_loss(cls_tokens: Tensor, num_global: int, *, all_gather: Callable[[Ten
 
     where nn(i) is the most cosine-similar other image of the same view in the *global* batch (n = B x world
     size): rows of the other ranks come through `all_gather` (differentiable, e.g.
-    `engine.distributed.all_gather_with_grad`), and each rank returns the mean over its own rows. The trainer's
+    `ibot_engine.distributed.all_gather_with_grad`), and each rank returns the mean over its own rows. The trainer's
     all-reduce mean of the logged value is then the global batch's loss, and DDP / FSDP2's gradient averaging gives
     exactly its gradient: the loss does not depend on how the batch is split over ranks. The sum over global views
     (not the mean) is DINOv2's. Numerically safe forms: fp32 before normalising; the distance is the plain L2 norm

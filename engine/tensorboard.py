@@ -3,7 +3,7 @@
 The `tensorboard` package is an optional dependency (`pip install 'ibot-engine[tensorboard]'`). Without it the run
 goes on with metrics.jsonl only, after one warning per process. Events go to `<run.dir>/tensorboard`; every numeric
 field of a metrics record becomes a scalar at its step (`knn_top1` / `knn_top5` under `eval/`, the training-health
-metrics of `engine.health` under `health/`, the rest under `train/`).
+metrics of `ibot_engine.health` under `health/`, the rest under `train/`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.health import HEALTH_KEYS
+from ibot_engine.health import HEALTH_KEYS
 
 log = logging.getLogger(__name__)
 _warned_missing = False

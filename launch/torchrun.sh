@@ -27,4 +27,4 @@ else
   rendezvous=(--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-ibot}")
 fi
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" "${rendezvous[@]}" \
-  --max_restarts="${MAX_RESTARTS:-0}" -m engine train "$@"
+  --max_restarts="${MAX_RESTARTS:-0}" -m ibot_engine train "$@"

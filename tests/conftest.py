@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import Config
+from ibot_engine.config import Config
 from tests.helpers import tiny_config
 
 

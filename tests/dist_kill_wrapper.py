@@ -1,5 +1,5 @@
-"""`python tests/dist_kill_wrapper.py train ...` = `python -m engine train ...`, except that in the first attempt of a
-torchrun job (TORCHELASTIC_RESTART_COUNT=0) rank IBOT_TEST_KILL_RANK sends itself SIGKILL just before optimizer
+"""`python tests/dist_kill_wrapper.py train ...` = `python -m ibot_engine train ...`, except that in the first attempt
+of a torchrun job (TORCHELASTIC_RESTART_COUNT=0) rank IBOT_TEST_KILL_RANK sends itself SIGKILL just before optimizer
 step IBOT_TEST_KILL_AT runs: a real `kill -9` of one rank at a known point, with no hook in the engine."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-import engine.train.loop as train_module
-from engine.cli import main
+import ibot_engine.train.loop as train_module
+from ibot_engine.cli import main
 
 if os.environ.get("IBOT_TEST_STACKS"):  # debugging aid: every thread's stack if still running after 120 s
     _stacks = open(f"{os.environ['IBOT_TEST_STACKS']}.r{os.environ.get('RANK')}.a"  # noqa: SIM115

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.config import Config, load_config
+from ibot_engine.config import Config, load_config
 
 # ViT-tiny at 32 px (4 x 4 patches of 8 px), 2 local crops of 16 px, K = 256, built-in data, fp32, one process.
 TINY_OVERRIDES = [

@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from engine.cli import main
+from ibot_engine.cli import main
 from tests.helpers import TINY_OVERRIDES
 
 KNN_LINE = re.compile(r"^k-NN top-1: \d+\.\d%  top-5: \d+\.\d%$", re.MULTILINE)

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, all_keys, load_config, save_config
+from ibot_engine.config import ConfigError, all_keys, load_config, save_config
+from ibot_engine.configs import CONFIG_DIR
 
 CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "configs"
+PRESETS = {path.stem: path for path in [*sorted(CONFIG_DIR.glob("*.yaml")), *sorted(CONFIGS.glob("*.yaml"))]}
 REQUIRED_KEYS = [
     "run.dir", "train.steps", "train.batch_size", "train.log_every", "train.seed", "model.arch", "model.patch_size",
     "model.out_dim", "data.global_size", "data.local_size", "data.num_local", "data.path", "checkpoint.every",
@@ -21,9 +23,9 @@ def test_required_keys_exist():
     assert [k for k in REQUIRED_KEYS if k not in keys] == []
 
 
-@pytest.mark.parametrize("name", ["demo_cpu", "vit_s16", "vit_b16", "vit_l16"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_load(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml")
+    cfg = load_config(PRESETS[name])
     assert cfg.model.patch_size in (8, 14, 16)
 
 

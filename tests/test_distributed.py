@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.checkpoint import Checkpointer, load_consolidated
-from engine.distributed import slurm_environment
+from ibot_engine.checkpoint import Checkpointer, load_consolidated
+from ibot_engine.distributed import slurm_environment
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +68,9 @@ def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str = "") 
 
 def _train(run_dir: Path, *overrides: str, nproc: int = 0, launcher: list[str] | None = None,
            script: list[str] | None = None, env: dict | None = None, timeout: float = 400) -> str:
-    """`python -m engine train` (nproc 0) or `torchrun --standalone --nproc_per_node=N -m engine train`."""
+    """`python -m ibot_engine train` (nproc 0) or `torchrun --standalone --nproc_per_node=N -m ibot_engine train`."""
     args = ["train", *BASE, f"run.dir={run_dir}", *overrides]
-    program = script or ["-m", "engine"]
+    program = script or ["-m", "ibot_engine"]
     if nproc == 0:
         cmd = [PY, *program, *args]
     else:
@@ -171,7 +171,7 @@ def test_sharded_checkpoint_failing_mid_save_keeps_the_previous_one(tmp_path, mo
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from engine.checkpoint import ShardedCheckpointer
+    from ibot_engine.checkpoint import ShardedCheckpointer
 
     ckpt = ShardedCheckpointer(tmp_path)
     ckpt.save(1, {"model": {"w": torch.ones(100)}, "step": torch.tensor(1)}, {"config": {"a": 1}})
@@ -200,9 +200,9 @@ def _scaler_worker(rank: int, world: int, out_dir: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from engine.config import load_config
-        from engine.distributed import DistEnv
-        from engine.train.parallel import build_grad_scaler
+        from ibot_engine.config import load_config
+        from ibot_engine.distributed import DistEnv
+        from ibot_engine.train.parallel import build_grad_scaler
 
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
@@ -258,9 +258,9 @@ def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from engine.distributed import all_reduce_sum
-        from engine.objective import sinkhorn_log_targets, update_centers_
-        from engine.train.parallel import clip_sharded_gradients_
+        from ibot_engine.distributed import all_reduce_sum
+        from ibot_engine.objective import sinkhorn_log_targets, update_centers_
+        from ibot_engine.train.parallel import clip_sharded_gradients_
 
         g = torch.Generator().manual_seed(0)
         teacher_cls, patch_logits = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
@@ -293,8 +293,8 @@ def _collectives_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_centring_sinkhorn_and_clipping_two_ranks_equal_one_rank_on_the_whole_batch(tmp_path):
-    from engine.objective import sinkhorn_log_targets, update_centers_
-    from engine.train.optim import clip_gradients_
+    from ibot_engine.objective import sinkhorn_log_targets, update_centers_
+    from ibot_engine.train.optim import clip_gradients_
 
     mp.start_processes(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -380,7 +380,7 @@ def test_knn_during_fsdp_training_equals_the_eval_of_its_checkpoint(runs, tmp_pa
     for record, source in ((logged[0], ["--random-init", "--config", str(run / "config.yaml")]),
                            (logged[1], ["--checkpoint", str(run)])):
         out = tmp_path / "knn.json"
-        _run_session([PY, "-m", "engine", "eval", "knn", *source, "--out", str(out)], _env(), 300)
+        _run_session([PY, "-m", "ibot_engine", "eval", "knn", *source, "--out", str(out)], _env(), 300)
         result = json.loads(out.read_text())
         assert (result["top1"], result["top5"]) == pytest.approx((record["knn_top1"], record["knn_top5"]))
 
@@ -459,7 +459,7 @@ def _assert_stopped_once_and_resumed(run_dir: Path, signal_name: str, reference:
 def test_sigterm_to_the_torchrun_agent_checkpoints_and_the_rerun_equals_an_uninterrupted_run(runs, tmp_path):
     run_dir = tmp_path / "stopped"
     args = ["train", *BASE, f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=ddp", *LONG]
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine", *args]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ibot_engine", *args]
     agent = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     try:
@@ -481,7 +481,7 @@ def test_two_node_torchrun_with_c10d_rendezvous_on_localhost(runs, tmp_path):
     run_dir, port = tmp_path / "two_nodes", _free_port()
     launcher = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ibot-two-nodes"]
     args = ["train", *BASE, f"run.dir={run_dir}", "train.batch_size=4", "distributed.strategy=fsdp"]
-    cmd = [PY, "-m", "torch.distributed.run", *launcher, "--nproc_per_node=1", "-m", "engine", *args]
+    cmd = [PY, "-m", "torch.distributed.run", *launcher, "--nproc_per_node=1", "-m", "ibot_engine", *args]
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True) for _ in range(2)]
     try:

@@ -1,6 +1,10 @@
-"""The import graph of `engine/` and `kernels/`, read with `ast` (nothing is imported): no cycle among the project's
-modules, and `kernels/` never imports `engine/`. Every import counts, also one inside a function or under
-`TYPE_CHECKING`, so that an import moved into a function does not hide a cycle."""
+"""The import graph of the project, read with `ast` (nothing is imported): no cycle among the project's modules,
+`ibot_kernels` never imports `ibot_engine`, no subpackage of the engine reaches back up to a top-level module that
+imports it, only the installed names are imported, and lightly's example is built in one place. Every import counts,
+also one inside a function or under `TYPE_CHECKING`, so that an import moved into a function does not hide a cycle.
+
+The folders are `engine/`, `kernels/` and `benchmarks/`; they install as `ibot_engine`, `ibot_kernels` and
+`ibot_benchmarks` (pyproject.toml's `package-dir`), the names every import uses."""
 
 from __future__ import annotations
 
@@ -8,19 +12,36 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "kernels")
+PACKAGES = {"engine": "ibot_engine", "kernels": "ibot_kernels", "benchmarks": "ibot_benchmarks"}  # folder -> import
+SOURCES = ("engine", "kernels", "benchmarks", "tests", "launch")  # every folder of Python files
 
 
 def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the packages (a package is its __init__.py)."""
+    """Dotted import name -> file, for every module of the packages (a package is its __init__.py)."""
     modules = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, name in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [name, *path.relative_to(ROOT / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             modules[".".join(parts)] = path
     return modules
+
+
+def imported_names(path: Path, package: str = "") -> list[str]:
+    """Every module name imported by the file at `path` (`from a.b import c` gives a.b and a.b.c); relative imports
+    are resolved against `package`."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return names
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -29,22 +50,11 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, *([node.module] if node.module else [])])
-                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
-            else:
-                continue
-            for target in targets:
-                while target and target not in modules:  # a name inside a module: the module
-                    target = target.rpartition(".")[0]
-                if target and target != name:
-                    graph[name].add(target)
+        for target in imported_names(path, package):
+            while target and target not in modules:  # a name inside a module: the module
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                graph[name].add(target)
     return graph
 
 
@@ -71,10 +81,34 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def upward_imports(graph: dict[str, set[str]], root: str = "ibot_engine") -> list[str]:
+    """Imports that run back up: a module of a subpackage `root.sub` imports a top-level module `root.top` (a file
+    directly under the package, not a subpackage) that itself imports `root.sub`. Not a cycle of modules, but the
+    subpackage then depends on a module above it that depends on the subpackage, so neither can move or be read
+    alone. Returned as 'sub.module -> root.top -> sub.other' strings."""
+    subpackages = {name for name in graph if name.count(".") == 1 and name.startswith(f"{root}.")
+                   and any(other.startswith(f"{name}.") for other in graph)}
+    top_level = {name for name in graph if name.count(".") == 1 and name.startswith(f"{root}.")} - subpackages
+
+    def subpackage_of(name: str) -> str | None:
+        return next((sub for sub in subpackages if name == sub or name.startswith(f"{sub}.")), None)
+
+    found = []
+    for name, targets in sorted(graph.items()):
+        sub = subpackage_of(name)
+        if sub is None:
+            continue
+        for top in sorted(targets & top_level):
+            back = sorted(t for t in graph[top] if subpackage_of(t) == sub)
+            if back:
+                found.append(f"{name} -> {top} -> {', '.join(back)}")
+    return found
+
+
 def test_the_graph_covers_the_packages():
     graph = import_graph()
-    assert "engine.train.loop" in graph and "kernels.dispatch" in graph
-    assert "engine.train.trainer" in graph["engine.train.loop"]
+    assert "ibot_engine.train.loop" in graph and "ibot_kernels.dispatch" in graph
+    assert "ibot_engine.train.trainer" in graph["ibot_engine.train.loop"]
 
 
 def test_no_import_cycle():
@@ -88,6 +122,45 @@ def test_find_cycle_finds_one():
 
 
 def test_kernels_never_import_engine():
-    offenders = {name: sorted(t for t in targets if t.split(".")[0] == "engine")
-                 for name, targets in import_graph().items() if name.split(".")[0] == "kernels"}
+    offenders = {name: sorted(t for t in targets if t.split(".")[0] == "ibot_engine")
+                 for name, targets in import_graph().items() if name.split(".")[0] == "ibot_kernels"}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_subpackage_imports_back_up_through_the_top_level():
+    found = upward_imports(import_graph())
+    assert not found, "upward imports: " + "; ".join(found)
+
+
+def test_upward_imports_finds_one():
+    """The shape of the old `engine/accel.py` (model/ibot.py -> accel -> model/vit.py) is found, and a top-level module
+    that the subpackage uses without importing it back is not."""
+    graph = {"ibot_engine.model": set(), "ibot_engine.model.ibot": {"ibot_engine.accel", "ibot_engine.config"},
+             "ibot_engine.model.vit": set(), "ibot_engine.accel": {"ibot_engine.model.vit"}, "ibot_engine.config": set()}
+    assert upward_imports(graph) == ["ibot_engine.model.ibot -> ibot_engine.accel -> ibot_engine.model.vit"]
+    graph["ibot_engine.accel"] = set()
+    assert upward_imports(graph) == []
+
+
+def test_only_installed_names_are_imported():
+    """No source file imports a folder name (`engine`, `kernels`, `benchmarks`) as a module: those resolve only from
+    the repository root, and would load a second copy of a module beside its `ibot_*` one."""
+    offenders = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            bad = [n for n in imported_names(path) if n.split(".")[0] in PACKAGES]
+            if bad:
+                offenders.append(f"{path.relative_to(ROOT)}: {sorted(set(bad))}")
+    assert not offenders, offenders
+
+
+def test_one_module_builds_lightlys_example():
+    """lightly is imported by one module of the engine and benchmarks (the one that builds lightly's iBOT example,
+    which both the speed peer and the learning peer use), and tests import nothing from the benchmarks."""
+    lightly_users = sorted(str(path.relative_to(ROOT)) for folder in ("engine", "benchmarks")
+                           for path in (ROOT / folder).rglob("*.py")
+                           if any(n.split(".")[0] == "lightly" for n in imported_names(path)))
+    assert len(lightly_users) == 1, lightly_users
+    from_benchmarks = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("*.py")
+                             if any(n.split(".")[0] == "ibot_benchmarks" for n in imported_names(path)))
+    assert not from_benchmarks, from_benchmarks

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from engine.objective import koleo_loss
+from ibot_engine.objective import koleo_loss
 
 
 def _formula(tokens: torch.Tensor, num_global: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_koleo_is_finite_on_duplicates_in_bf16_and_zero_for_one_image():
 def _koleo_worker(rank: int, world: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
     try:
-        from engine.distributed import all_gather_with_grad
+        from ibot_engine.distributed import all_gather_with_grad
 
         tokens = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))  # [views, global batch, D]
         mine = tokens[:, rank * 4 : (rank + 1) * 4].reshape(-1, 16).clone().requires_grad_()

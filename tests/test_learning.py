@@ -1,6 +1,6 @@
 """Learning on real images: a short pretraining run on the built-in digits scans must make the features better.
 
-The run is the demo itself (`launch/configs/demo_cpu.yaml`: ViT-tiny/8 on 32 px crops of scikit-learn's
+The run is the demo itself (`engine/configs/demo_cpu.yaml`: ViT-tiny/8 on 32 px crops of scikit-learn's
 handwritten-digit scans, 200 steps), about five minutes on 2 CPU cores. It used to be cut to 120 steps, but there
 the k-NN ended at 69.2% (a clean-clone CI run) and 70.0% (the working checkout) on 2026-12-07, under the bar of
 random features + 5 = 70.8%; the full 200 steps gave 79.4% that day (README: about 81%). It must
@@ -17,18 +17,18 @@ Marked `slow` and `learning`; `.ci/run` runs it.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.eval.features import teacher_backbone
-from engine.eval.knn import knn_eval
-from engine.train.loop import train
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.eval.features import teacher_backbone
+from ibot_engine.eval.knn import knn_eval
+from ibot_engine.train.loop import train
 from tests.helpers import read_metrics
 
-DEMO = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo_cpu.yaml"
+DEMO = DEMO_CONFIG
 STEPS = 200
 
 pytest.importorskip("sklearn", reason="builtin:digits needs scikit-learn (pip install -e '.[digits]')")

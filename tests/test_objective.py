@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.objective import ibot_loss, masked_token_weights, sinkhorn_log_targets, update_centers_
+from ibot_engine.objective import ibot_loss, masked_token_weights, sinkhorn_log_targets, update_centers_
 
 
 def official_ibot_loss(student_output, teacher_output, student_local_cls, student_mask, center, center2,

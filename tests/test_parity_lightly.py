@@ -1,12 +1,12 @@
 """Whole-step parity with lightly's iBOT example (lightly 1.6, `examples/pytorch/ibot.py`).
 
 From the same initial weights (lightly's timm ViT and DINO heads copied into our `IBOT`), the same crops and the
-same masks, `STEPS` training steps of our `engine.train.step.train_step` equal the example's loop body, in fp32:
+same masks, `STEPS` training steps of our `ibot_engine.train.step.train_step` equal the example's loop body, in fp32:
 the cls and patch losses, every student gradient, the updated student and teacher, and both centres.
 
 The example's model and loop body are ported literally in `benchmarks/peer_learning.py` (`LightlyExample`,
 `lightly_example_step`: its model pieces, `DINOLoss`, `IBOTPatchLoss`, `update_momentum`, in its order), which
-`python -m benchmarks.peer_learning` also trains on real images. Differences set equal through our config:
+`python -m ibot_benchmarks.peer_learning` also trains on real images. Differences set equal through our config:
     lr                constant 1e-3: optim.lr = 1e-3 * 256 / B, warmup 0, min_lr = the peak
     clipping, freeze  none: optim.clip_grad=0, optim.freeze_last_layer_epochs=0
     teacher temp      per-step linear warm-up 0.04 -> 0.07: loss.teacher_temp_per_step=true (+ the epochs)
@@ -37,22 +37,22 @@ import dataclasses
 import pytest
 import torch
 
-import engine.objective as objective_module
-from engine.config import load_config
-from engine.data.stream import build_data_stream
-from engine.distributed import DistEnv
-from engine.model.ibot import IBOT
-from engine.train.optim import build_optimizer, param_groups
-from engine.train.parallel import build_grad_scaler
-from engine.train.schedules import hyperparams_at
-from engine.train.step import train_step
-from engine.train.trainer import Trainer
+import ibot_engine.objective as objective_module
+from ibot_engine.config import load_config
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.distributed import DistEnv
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.train.optim import build_optimizer, param_groups
+from ibot_engine.train.parallel import build_grad_scaler
+from ibot_engine.train.schedules import hyperparams_at
+from ibot_engine.train.step import train_step
+from ibot_engine.train.trainer import Trainer
 
 lightly = pytest.importorskip("lightly")
 pytest.importorskip("timm")
 from lightly.loss import DINOLoss, IBOTPatchLoss  # noqa: E402
 
-from benchmarks.peer_learning import (  # noqa: E402
+from ibot_benchmarks.peer_learning import (  # noqa: E402
     LightlyExample,
     lightly_example_step,
     lightly_schedules,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-import engine.tensorboard as tb
-from engine.train.loop import train
+import ibot_engine.tensorboard as tb
+from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 
 
@@ -37,7 +37,7 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
 def test_missing_tensorboard_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     monkeypatch.setattr(tb, "_warned_missing", False)
-    with caplog.at_level(logging.WARNING, logger="engine.tensorboard"):
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.tensorboard"):
         assert tb.open_writer(tmp_path) is None
         assert tb.open_writer(tmp_path) is None
         train(tiny_config(f"run.dir={tmp_path}", "train.steps=1", "run.tensorboard=true"))

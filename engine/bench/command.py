@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from engine.bench.harness import bench_harness, build_harness, find_max_batch, harness_batch_trier
-from engine.bench.lightly_peer import LightlyStep, require_lightly
-from engine.bench.report import default_out_path, environment, results_table, write_report
-from engine.bench.timing import (
+from ibot_engine.bench.harness import bench_harness, build_harness, find_max_batch, harness_batch_trier
+from ibot_engine.bench.lightly_peer import LightlyStep, require_lightly
+from ibot_engine.bench.report import default_out_path, environment, results_table, write_report
+from ibot_engine.bench.timing import (
     BenchSetupError,
     free_device_memory,
     measured_gemm_tflops,
@@ -30,9 +30,9 @@ from engine.bench.timing import (
     peak_source,
     precision_name,
 )
-from engine.config import Config
-from engine.distributed import init_distributed, teardown
-from engine.precision import autocast_dtype
+from ibot_engine.config import Config
+from ibot_engine.distributed import init_distributed, teardown
+from ibot_engine.precision import autocast_dtype
 
 
 def bench_main(args: Any, cfg: Config) -> Path | None:

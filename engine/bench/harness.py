@@ -1,8 +1,8 @@
 """The step harness of `ibot bench` and `ibot profile`: the real trainer and its step, timed by timing.py.
 
-What runs is `engine.train.trainer.build_trainer` + `engine.train.step.train_step`, the loop's own step, on:
+What runs is `ibot_engine.train.trainer.build_trainer` + `ibot_engine.train.step.train_step`, the loop's own step, on:
 * synthetic batches (default): a few `Batch`es made once on the device before timing (random crops at the
-  configured sizes, masks from `engine.data.masking.generate_masks`, made outside the step as a loader would),
+  configured sizes, masks from `ibot_engine.data.masking.generate_masks`, made outside the step as a loader would),
   cycled; the trainer is built on a tiny lazily rendered built-in dataset that is never read;
 * the configured data stream with `--data` (`data.path` / `data.shards`): the host time spent in
   `next(data_iter)` + `.to(device)` is measured on its own and reported as the data-wait share of the wall time.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.bench.timing import (
+from ibot_engine.bench.timing import (
     BenchRow,
     count_flops,
     free_device_memory,
@@ -34,15 +34,15 @@ from engine.bench.timing import (
     synchronize,
     time_steps,
 )
-from engine.config import Config
-from engine.data.batch import Batch
-from engine.data.masking import generate_masks, masked_token_indices
-from engine.distributed import DistEnv
-from engine.precision import autocast_dtype
-from engine.train.parallel import build_grad_scaler
-from engine.train.schedules import Hyperparams, hyperparams_at
-from engine.train.step import train_step
-from engine.train.trainer import Trainer, build_trainer
+from ibot_engine.config import Config
+from ibot_engine.data.batch import Batch
+from ibot_engine.data.masking import generate_masks, masked_token_indices
+from ibot_engine.distributed import DistEnv
+from ibot_engine.precision import autocast_dtype
+from ibot_engine.train.parallel import build_grad_scaler
+from ibot_engine.train.schedules import Hyperparams, hyperparams_at
+from ibot_engine.train.step import train_step
+from ibot_engine.train.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class StepHarness:
 
 def build_harness(cfg: Config, env: DistEnv, *, real_data: bool = False, num_batches: int = 4,
                   run_dir: str | None = None) -> StepHarness:
-    """Build the trainer of `cfg` (engine.train.trainer.build_trainer) and its batches."""
+    """Build the trainer of `cfg` (ibot_engine.train.trainer.build_trainer) and its batches."""
     if real_data:
         trainer = build_trainer(cfg, env)
         batches = None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.bench.timing import (
+from ibot_engine.bench.timing import (
     BenchRow,
     BenchSetupError,
     count_flops,
@@ -34,7 +34,7 @@ from engine.bench.timing import (
     synchronize,
     time_steps,
 )
-from engine.config import Config
+from ibot_engine.config import Config
 
 _TIMM_SIZE = {"vit_tiny": "tiny", "vit_small": "small", "vit_base": "base", "vit_large": "large"}
 TEACHER_TEMP = 0.07

@@ -33,10 +33,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
-from engine.bench.harness import build_harness
-from engine.bench.report import environment
-from engine.config import Config
-from engine.distributed import init_distributed, teardown
+from ibot_engine.bench.harness import build_harness
+from ibot_engine.bench.report import environment
+from ibot_engine.config import Config
+from ibot_engine.distributed import init_distributed, teardown
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,8 @@ def profile_main(args: Any, cfg: Config) -> Path:
             for i in range(args.wait + args.warmup + args.active):
                 run(1 + i)
                 prof.step()
-        notes = [f"categories: {', '.join(CATEGORIES)} (engine.bench.profile.classify on kernel / op names and the "
-                 "enclosing ranges ibot.data, ibot.ema, optimizer step)"]
+        notes = [f"categories: {', '.join(CATEGORIES)} (ibot_engine.bench.profile.classify on kernel / op names and "
+                 "the enclosing ranges ibot.data, ibot.ema, optimizer step)"]
         if not cuda:
             notes.append("the self CPU time of the ibot.step range is host time between ops (Python, dispatch)")
         if cuda:

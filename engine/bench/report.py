@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from engine.bench.timing import BenchRow
-from engine.config import Config, config_to_dict
+from ibot_engine.bench.timing import BenchRow
+from ibot_engine.config import Config, config_to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,11 +28,11 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch, MultiCropCollate, Sample
-from engine.data.gpu_aug import GpuMultiCrop, decode_batch
-from engine.data.transforms import MultiCropTransform, decode_jpeg, rgb_array
-from engine.data.views import draw_view_params
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.batch import Batch, MultiCropCollate, Sample
+from ibot_engine.data.gpu_aug import GpuMultiCrop, decode_batch
+from ibot_engine.data.transforms import MultiCropTransform, decode_jpeg, rgb_array
+from ibot_engine.data.views import draw_view_params
 
 logger = logging.getLogger(__name__)
 

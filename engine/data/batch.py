@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.config import MaskConfig
-from engine.data.masking import generate_masks, masked_token_indices
-from engine.data.transforms import normalise
+from ibot_engine.config import MaskConfig
+from ibot_engine.data.masking import generate_masks, masked_token_indices
+from ibot_engine.data.transforms import normalise
 
 # Domain tag of a sample's augmentation seed (masking.py and loader.py have their own): keys with equal numbers in
 # different roles, e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.

@@ -17,9 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.augment import Augmenter, build_augmenter
-from engine.data.batch import Batch
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.augment import Augmenter, build_augmenter
+from ibot_engine.data.batch import Batch
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import torch
 import torch.utils.data
 from torch.utils.data.distributed import DistributedSampler
 
-from engine.config import Config
-from engine.data.batch import MultiCropCollate, SampleKey
-from engine.data.loader import EpochBatchSampler, MultiCropDataset, build_dataset
-from engine.data.transforms import MultiCropTransform
+from ibot_engine.config import Config
+from ibot_engine.data.batch import MultiCropCollate, SampleKey
+from ibot_engine.data.loader import EpochBatchSampler, MultiCropDataset, build_dataset
+from ibot_engine.data.transforms import MultiCropTransform
 
 
 class EpochKeySampler(DistributedSampler):
@@ -64,9 +64,10 @@ def build_train_loader(
 ) -> torch.utils.data.DataLoader:
     """The iBOT training DataLoader of `cfg.data.path` for one rank and one epoch at a time.
 
-    Call `loader.sampler.set_epoch(epoch)` before each epoch (Lightning does). Batches are `engine.data.batch.Batch`
-    (move them with `batch.to(device)`); `len(loader)` is the number of steps per epoch. Seeded by `cfg.train.seed`;
-    `cfg.train.batch_size` images per rank; masks from `cfg.mask`; `cfg.data.num_workers` worker processes.
+    Call `loader.sampler.set_epoch(epoch)` before each epoch (Lightning does). Batches are
+    `ibot_engine.data.batch.Batch` (move them with `batch.to(device)`); `len(loader)` is the number of steps per
+    epoch. Seeded by `cfg.train.seed`; `cfg.train.batch_size` images per rank; masks from `cfg.mask`;
+    `cfg.data.num_workers` worker processes.
 
     Raises:
         ValueError: the dataset is missing, empty or smaller than one global batch.

@@ -35,9 +35,9 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from engine.config import DataConfig
-from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from engine.data.views import (
+from ibot_engine.config import DataConfig
+from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.views import (
     NUM_PARAMS,
     P_BLUR,
     P_BOX,

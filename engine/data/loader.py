@@ -29,13 +29,13 @@ import torch
 import torch.utils.data
 from PIL import Image
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch, Sample, SampleKey, sample_seed
-from engine.data.contract import StreamBase, StreamPlace
-from engine.data.folder import ImageFolderDataset
-from engine.data.masking import seeded_rng
-from engine.data.synthetic import builtin_dataset
-from engine.preempt import stop_signal_safe_workers
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.batch import Batch, Sample, SampleKey, sample_seed
+from ibot_engine.data.contract import StreamBase, StreamPlace
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.masking import seeded_rng
+from ibot_engine.data.synthetic import builtin_dataset
+from ibot_engine.preempt import stop_signal_safe_workers
 
 logger = logging.getLogger(__name__)
 

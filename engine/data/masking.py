@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.config import MaskConfig
+from ibot_engine.config import MaskConfig
 
 # Attempts per round to place a block (BEiT, iBOT and DINOv2 all use 10).
 _ATTEMPTS = 10

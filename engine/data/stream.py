@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.contract import BatchStream, StreamPlace
-from engine.data.loader import DataStream, build_dataset
-from engine.data.shards.stream import build_shard_stream
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.contract import BatchStream, StreamPlace
+from ibot_engine.data.loader import DataStream, build_dataset
+from ibot_engine.data.shards.stream import build_shard_stream
 
 
 def build_data_stream(

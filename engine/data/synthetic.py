@@ -19,8 +19,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from engine.data.digits import digits_folder
-from engine.data.folder import ImageFolderDataset
+from ibot_engine.data.digits import digits_folder
+from ibot_engine.data.folder import ImageFolderDataset
 
 CLASSES = [
     "circle",

@@ -47,8 +47,8 @@ import torch.utils.data
 from PIL import Image
 from torch import Tensor
 
-from engine.config import DataConfig
-from engine.data.views import (
+from ibot_engine.config import DataConfig
+from ibot_engine.data.views import (
     P_BLUR,
     P_BOX,
     P_BRIGHTNESS,

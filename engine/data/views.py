@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from engine.config import DataConfig
+from ibot_engine.config import DataConfig
 
 # Columns of a view's parameter row.
 P_BOX = slice(0, 4)  # x1, y1, x2, y2 in pixels of the source image

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import read_checkpoint
-from engine.config import Config, load_config, parse_overrides
-from engine.config import _set as set_key
-from engine.distributed import DistEnv, init_distributed, teardown
-from engine.eval.datasets import default_specs
-from engine.eval.features import teacher_backbone
-from engine.eval.knn import format_knn, knn_eval
-from engine.eval.linear import format_linear, linear_eval
+from ibot_engine.checkpoint import read_checkpoint
+from ibot_engine.config import Config, load_config, parse_overrides
+from ibot_engine.config import _set as set_key
+from ibot_engine.distributed import DistEnv, init_distributed, teardown
+from ibot_engine.eval.datasets import default_specs
+from ibot_engine.eval.features import teacher_backbone
+from ibot_engine.eval.knn import format_knn, knn_eval
+from ibot_engine.eval.linear import format_linear, linear_eval
 
 
 def load_eval_model(args: argparse.Namespace, device: torch.device) -> tuple[Config, torch.nn.Module, Path, bool]:

@@ -14,10 +14,10 @@ import torch
 import torch.utils.data
 from PIL import Image
 
-from engine.config import Config
-from engine.data.folder import ImageFolderDataset
-from engine.data.shards.resolve import IMAGE_KEYS, index_local_shard, read_member, resolve_shards
-from engine.data.synthetic import builtin_dataset
+from ibot_engine.config import Config
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.shards.resolve import IMAGE_KEYS, index_local_shard, read_member, resolve_shards
+from ibot_engine.data.synthetic import builtin_dataset
 
 log = logging.getLogger(__name__)
 

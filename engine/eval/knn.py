@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.config import Config
-from engine.distributed import DistEnv
-from engine.eval.datasets import build_eval_dataset, default_specs
-from engine.eval.features import split_features
-from engine.precision import autocast_dtype
+from ibot_engine.config import Config
+from ibot_engine.distributed import DistEnv
+from ibot_engine.eval.datasets import build_eval_dataset, default_specs
+from ibot_engine.eval.features import split_features
+from ibot_engine.precision import autocast_dtype
 
 
 @torch.no_grad()

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.config import Config
-from engine.eval.datasets import build_eval_dataset
-from engine.eval.features import split_features
-from engine.precision import autocast_dtype
+from ibot_engine.config import Config
+from ibot_engine.eval.datasets import build_eval_dataset
+from ibot_engine.eval.features import split_features
+from ibot_engine.precision import autocast_dtype
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 

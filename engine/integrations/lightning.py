@@ -8,12 +8,12 @@ of the package never needs Lightning.
     trainer = L.Trainer(max_epochs=-1, precision="bf16-mixed", strategy=DDPStrategy(broadcast_buffers=False))
     trainer.fit(module, datamodule=IBOTDataModule(cfg))  # stops at the end of the config's schedules
 
-One optimizer step is exactly our loop's `engine.train.step.train_step` (tested equal, single process and 2-rank
-DDP): the hyperparameters of the step (`engine.train.schedules.hyperparams_at`, per step) go into the optimizer;
-teacher and student forward and the objective (`engine.train.step.forward_losses`); backward; the centres are updated
-with all-reduced teacher statistics (`on_after_backward`); gradients are clipped by our rule (`optim.clip_grad`,
+One optimizer step is exactly our loop's `ibot_engine.train.step.train_step` (tested equal, single process and 2-rank
+DDP): the hyperparameters of the step (`ibot_engine.train.schedules.hyperparams_at`, per step) go into the optimizer;
+teacher and student forward and the objective (`ibot_engine.train.step.forward_losses`); backward; the centres are
+updated with all-reduced teacher statistics (`on_after_backward`); gradients are clipped by our rule (`optim.clip_grad`,
 `optim.clip_mode`) and the head's last layer dropped during its frozen epochs (`configure_gradient_clipping`); AdamW
-steps; then the teacher EMA runs once, after the optimizer step (`optimizer_step`, `kernels.ema_update_`).
+steps; then the teacher EMA runs once, after the optimizer step (`optimizer_step`, `ibot_kernels.ema_update_`).
 
 What comes from the config and what from the Trainer:
 * The run length (`train.steps`, or `train.epochs` of the dataset) defines the schedules; the module stops the
@@ -24,7 +24,7 @@ What comes from the config and what from the Trainer:
   micro-batch's teacher outputs before the first student pass. The logged losses are each micro-batch's.
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
   The objective and the centres are fp32 in every mode. `train.compile` and `train.activation_checkpointing` are
-  applied as in our loop (`engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
+  applied as in our loop (`ibot_engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
   (`Trainer(deterministic=True)`).
 * No SyncBatchNorm: a ViT has no batch norm (LayerNorm normalises each token on its own), so `sync_batchnorm=True`
   changes nothing. The only cross-rank batch statistics of iBOT, the centres (or the Sinkhorn-Knopp sums), are
@@ -47,31 +47,31 @@ try:
     from lightning.pytorch.utilities import rank_zero_warn
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "engine.integrations.lightning needs PyTorch Lightning: pip install 'ibot-engine[lightning]' "
+        "ibot_engine.integrations.lightning needs PyTorch Lightning: pip install 'ibot-engine[lightning]' "
         "(or pip install lightning)"
     ) from err
 
-from engine.config import Config, config_from_dict, config_to_dict
-from engine.data.batch import Batch
-from engine.data.dataloader import build_train_loader
-from engine.distributed import all_reduce_sum
-from engine.health import HEALTH_KEYS, NonFiniteLossError
-from engine.model.ibot import IBOT, TeacherOutput, apply_train_options
-from engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
-from engine.train.schedules import Hyperparams, hyperparams_at, total_steps_for
-from engine.train.step import forward_losses, joined_teacher_outputs
-from kernels import ema_update_
+from ibot_engine.config import Config, config_from_dict, config_to_dict
+from ibot_engine.data.batch import Batch
+from ibot_engine.data.dataloader import build_train_loader
+from ibot_engine.distributed import all_reduce_sum
+from ibot_engine.health import HEALTH_KEYS, NonFiniteLossError
+from ibot_engine.model.ibot import IBOT, TeacherOutput, apply_train_options
+from ibot_engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
+from ibot_engine.train.schedules import Hyperparams, hyperparams_at, total_steps_for
+from ibot_engine.train.step import forward_losses, joined_teacher_outputs
+from ibot_kernels import ema_update_
 
 __all__ = ["IBOTDataModule", "IBOTLightningModule"]
 
 
 class IBOTLightningModule(L.LightningModule):
-    """iBOT student + EMA teacher + centres (`self.model`, an `engine.model.ibot.IBOT`) trained by Lightning.
+    """iBOT student + EMA teacher + centres (`self.model`, an `ibot_engine.model.ibot.IBOT`) trained by Lightning.
 
     Logs per step: `loss`, `loss_cls`, `loss_patch` (and `loss_koleo` with `loss.koleo_weight`; means over all
     ranks), `grad_norm` (before clipping), and every `Trainer(log_every_n_steps)` steps the scheduled `lr`,
     `weight_decay`, `momentum`, `teacher_temp`, `patch_teacher_temp` and the training-health metrics of
-    `engine.health` (means over ranks). `training_step` returns the local loss, which Lightning backpropagates.
+    `ibot_engine.health` (means over ranks). `training_step` returns the local loss, which Lightning backpropagates.
 
     Building the module seeds torch's global RNG with `train.seed` before the model's init, as `ibot train` does,
     so every rank starts from the same weights and the run repeats with the seed.
@@ -128,7 +128,7 @@ class IBOTLightningModule(L.LightningModule):
         if not math.isfinite(steps) or steps <= 0:
             raise ValueError(
                 "IBOTLightningModule needs a finite per-epoch train loader (its length is the epoch of the "
-                "schedules): use IBOTDataModule or engine.data.dataloader.build_train_loader"
+                "schedules): use IBOTDataModule or ibot_engine.data.dataloader.build_train_loader"
             )
         self.steps_per_epoch = math.ceil(steps / self.trainer.accumulate_grad_batches)  # optimizer steps
         self.total_steps = total_steps_for(self.cfg, self.steps_per_epoch)

@@ -17,12 +17,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from engine.accel import norm_layer
-from engine.config import LossConfig, ModelConfig, TrainConfig
-from engine.model.head import IBOTHead
-from engine.model.vit import VisionTransformer
-from engine.objective import AllReduce, update_centers_
-from kernels import ema_update_
+from ibot_engine.config import LossConfig, ModelConfig, TrainConfig
+from ibot_engine.model.head import IBOTHead
+from ibot_engine.model.vit import VisionTransformer, norm_layer
+from ibot_engine.objective import AllReduce, update_centers_
+from ibot_kernels import ema_update_
 
 
 class NetworkOutput(NamedTuple):

@@ -2,7 +2,7 @@
 
 Pre-norm ViT as in the official iBOT / DINO code: conv patch embedding, learned absolute position embedding
 (bicubic-resampled for other grids), a cls token, `depth` blocks, final LayerNorm (eps 1e-6), qkv bias.
-Attention goes through `engine.model.attention` (SDPA by default, xformers or FlexAttention; never an explicit
+Attention goes through `ibot_engine.model.attention` (SDPA by default, xformers or FlexAttention; never an explicit
 softmax(QK^T)); `forward_packed` runs crops of several resolutions as one packed token sequence.
 
 Per block, optionally: activation checkpointing (full, or selective: matmul and attention outputs saved,
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.model.attention import Packing, attend, make_packing
+from ibot_engine.accel import apex_usable, nvidia_apex
+from ibot_engine.model.attention import Packing, attend, make_packing
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,14 @@ class Attention(nn.Module):
 
 def default_norm(dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=1e-6)
+
+
+def norm_layer(impl: str) -> Callable[[int], nn.Module]:
+    """The LayerNorm factory (dim -> module, eps 1e-6) for `model.norm_impl`. Parameters are named weight / bias
+    either way, so checkpoints move between the two; apex's FusedLayerNorm runs torch's kernel on CPU tensors."""
+    if impl == "apex" and apex_usable("model.norm_impl", torch.device("cuda")):
+        return partial(nvidia_apex().normalization.FusedLayerNorm, eps=1e-6)
+    return default_norm
 
 
 class Mlp(nn.Module):
@@ -162,7 +172,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
         self.drop_path = drop_path
         self.drop_path_impl = drop_path_impl
-        self.checkpointing = "none"  # none | full | selective, set by `engine.model.ibot.apply_train_options`
+        self.checkpointing = "none"  # none | full | selective, set by `ibot_engine.model.ibot.apply_train_options`
 
     def _attn_branch(self, x: Tensor, packing: Packing | None = None) -> Tensor:
         return self.ls1(self.attn(self.norm1(x), packing))
@@ -304,7 +314,7 @@ class VisionTransformer(nn.Module):
         """`forward` of several batches of crops (e.g. global and local sizes) in one pass of packed tokens.
 
         inputs: (images [B_i, 3, H_i, W_i], masks [B_i, h_i, w_i] or None) per resolution group. Returns the tokens
-        [B_i, 1 + N_i, D] of each group, as `forward` would (see `engine.model.attention` for the packing).
+        [B_i, 1 + N_i, D] of each group, as `forward` would (see `ibot_engine.model.attention` for the packing).
         """
         tokens = [self.prepare_tokens(images, masks) for images, masks in inputs]
         groups = tuple((t.shape[0], t.shape[1]) for t in tokens)

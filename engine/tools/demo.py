@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import read_checkpoint
-from engine.config import Config, save_config
-from engine.distributed import init_distributed, teardown
-from engine.eval.command import evaluate
-from engine.eval.features import teacher_backbone
-from engine.tools.plot import plot_health_run, plot_run, read_metrics
-from engine.train.loop import train
+from ibot_engine.checkpoint import read_checkpoint
+from ibot_engine.config import Config, save_config
+from ibot_engine.distributed import init_distributed, teardown
+from ibot_engine.eval.command import evaluate
+from ibot_engine.eval.features import teacher_backbone
+from ibot_engine.tools.plot import plot_health_run, plot_run, read_metrics
+from ibot_engine.train.loop import train
 
 
 def _teacher_knn(cfg: Config, state: dict[str, Any] | None, out: Path, checkpoint: str | None = None) -> dict:

@@ -13,7 +13,7 @@ token is left out):
 The file's metadata records the format, architecture, timm model name and kwargs (JSON), which backbone and the
 step. Files are written atomically.
 
-Checkpoints are read only through `engine.checkpoint.read_checkpoint` (this command, `ibot eval` and
+Checkpoints are read only through `ibot_engine.checkpoint.read_checkpoint` (this command, `ibot eval` and
 `ibot visualize` all use it), so a change of checkpoint format changes one function.
 """
 
@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from engine.checkpoint import atomic_write, read_checkpoint
-from engine.config import Config
+from ibot_engine.checkpoint import atomic_write, read_checkpoint
+from ibot_engine.config import Config
 
 FORMATS = ("timm", "safetensors")
 TIMM_NAMES = {

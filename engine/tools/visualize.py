@@ -24,11 +24,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from engine.checkpoint import read_checkpoint
-from engine.config import Config, MaskConfig
-from engine.data.masking import official_masks
-from engine.eval.features import eval_transform, teacher_backbone
-from engine.model.vit import VisionTransformer
+from ibot_engine.checkpoint import read_checkpoint
+from ibot_engine.config import Config, MaskConfig
+from ibot_engine.data.masking import official_masks
+from ibot_engine.eval.features import eval_transform, teacher_backbone
+from ibot_engine.model.vit import VisionTransformer
 
 PAD, LABEL = 8, 14
 # "inferno"-like ramp: dark purple -> red -> yellow.

@@ -22,19 +22,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.checkpoint import is_sharded_checkpoint
-from engine.config import Config, config_to_dict, save_config
-from engine.distributed import DistEnv, all_reduce_mean, all_reduce_sum, broadcast_object, init_distributed, teardown
-from engine.eval.knn import KnnEvaluator
-from engine.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
-from engine.logging import MetricLogger, setup_logging
-from engine.objective import IBOTLoss
-from engine.precision import autocast_dtype
-from engine.preempt import Preempted, StopSignal
-from engine.train.schedules import Hyperparams, hyperparams_at, peak_lr
-from engine.train.state import data_state, restore_training_state, training_state
-from engine.train.step import train_step
-from engine.train.trainer import Trainer, build_trainer
+from ibot_engine.checkpoint import is_sharded_checkpoint
+from ibot_engine.config import Config, config_to_dict, save_config
+from ibot_engine.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    teardown,
+)
+from ibot_engine.eval.knn import KnnEvaluator
+from ibot_engine.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
+from ibot_engine.logging import MetricLogger, setup_logging
+from ibot_engine.objective import IBOTLoss
+from ibot_engine.precision import autocast_dtype
+from ibot_engine.preempt import Preempted, StopSignal
+from ibot_engine.train.schedules import Hyperparams, hyperparams_at, peak_lr
+from ibot_engine.train.state import data_state, restore_training_state, training_state
+from ibot_engine.train.step import train_step
+from ibot_engine.train.trainer import Trainer, build_trainer
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.accel import apex_usable, fused_adam
-from engine.config import OptimConfig
+from ibot_engine.accel import apex_usable, fused_adam
+from ibot_engine.config import OptimConfig
 
 
 def param_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:

@@ -5,7 +5,7 @@
   parameter takes part in every step); `static_graph` lets DDP skip its per-step graph bookkeeping.
 * fsdp: FSDP2 `fully_shard` on every transformer block, on the head and on the root of the student, and the same
   units on the teacher, so that teacher and student parameters are sharded alike (Shard(0) over the same mesh)
-  and the EMA (`kernels.ema_update_`) runs on local shards with no communication. The teacher only runs forward
+  and the EMA (`ibot_kernels.ema_update_`) runs on local shards with no communication. The teacher only runs forward
   and is resharded right after it. bf16 runs use `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`.
   fp16 runs use `param_dtype=fp16` with the ordinary GradScaler, whose overflow check on DTensor shards agrees
   over ranks (tested: an inf in one rank's shard makes every rank skip the step).
@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.config import Config
-from engine.distributed import DistEnv, get_rank, is_distributed
-from engine.model.ibot import IBOT
-from engine.precision import autocast_dtype
+from ibot_engine.config import Config
+from ibot_engine.distributed import DistEnv, get_rank, is_distributed
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.precision import autocast_dtype
 
 try:
     from torch.distributed.tensor import DTensor
@@ -104,7 +104,7 @@ def _is_dtensor(t: Tensor) -> bool:
 
 @torch.no_grad()
 def clip_sharded_gradients_(params: list[Tensor], max_norm: float, mode: str) -> Tensor:
-    """`engine.train.optim.clip_gradients_` for DTensor (FSDP2, Shard(0)) gradients: norms of the local shards,
+    """`ibot_engine.train.optim.clip_gradients_` for DTensor (FSDP2, Shard(0)) gradients: norms of the local shards,
     squared and summed over ranks in one all-reduce, so every rank scales its shards by the factors of the full
     tensors.
     Returns the global gradient norm (a replicated plain tensor)."""

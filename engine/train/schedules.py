@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.config import Config
+from ibot_engine.config import Config
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:

@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from engine.checkpoint import META, load_sharded
-from engine.train.trainer import Trainer
+from ibot_engine.checkpoint import META, load_sharded
+from ibot_engine.train.trainer import Trainer
 
 
 def training_state(t: Trainer) -> dict[str, Any]:

@@ -5,7 +5,7 @@ ours (Lightning, your own).
 the masked global and the local crops, then the objective with the current centres (or Sinkhorn-Knopp targets),
 plus KoLeo on the student's global cls tokens when `loss.koleo_weight > 0`. The caller runs backward and then, in
 this order: `model.update_centers(teacher, all_reduce_sum)` (EMA centres only), gradient clipping, the optimizer
-step, and the teacher EMA (`kernels.ema_update_`). Autocast, if any, is the caller's (the objective is fp32 inside
+step, and the teacher EMA (`ibot_kernels.ema_update_`). Autocast, if any, is the caller's (the objective is fp32 inside
 whatever the logits' dtype).
 """
 
@@ -19,22 +19,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.config import Config
-from engine.data.batch import Batch
-from engine.distributed import all_gather_with_grad, all_reduce_sum, get_rank
-from engine.health import health_metrics
-from engine.model.ibot import IBOT, TeacherOutput
-from engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets
-from engine.train.optim import apply_hyperparams, clip_gradients_, last_layer_params
-from engine.train.parallel import clip_sharded_gradients_
-from engine.train.schedules import Hyperparams
-from engine.train.trainer import Trainer
+from ibot_engine.config import Config
+from ibot_engine.data.batch import Batch
+from ibot_engine.distributed import all_gather_with_grad, all_reduce_sum, get_rank
+from ibot_engine.health import health_metrics
+from ibot_engine.model.ibot import IBOT, TeacherOutput
+from ibot_engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets
+from ibot_engine.train.optim import apply_hyperparams, clip_gradients_, last_layer_params
+from ibot_engine.train.parallel import clip_sharded_gradients_
+from ibot_engine.train.schedules import Hyperparams
+from ibot_engine.train.trainer import Trainer
 
 
 class ForwardOutput(NamedTuple):
     losses: IBOTLoss
     teacher: TeacherOutput  # what `model.update_centers` needs
-    health: Tensor | None  # `engine.health.HEALTH_KEYS` values (fp32, on the device) when asked for, else None
+    health: Tensor | None  # `ibot_engine.health.HEALTH_KEYS` values (fp32, on the device) when asked for, else None
 
 
 def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, student: nn.Module | None = None, *,
@@ -46,11 +46,11 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, stud
     Args:
         model: student, teacher and centres.
         batch: one rank's batch from the masking collate.
-        hp: this step's hyperparameters (`engine.train.schedules.hyperparams_at`); only the teacher temperatures are
-            read.
+        hp: this step's hyperparameters (`ibot_engine.train.schedules.hyperparams_at`); only the teacher temperatures
+            are read.
         cfg: the run config (`loss` and `data.num_global` are read).
         student: the module to call for the student pass, e.g. a DDP wrapper of `model.student` (default: it).
-        health: also compute `engine.health.health_metrics` (a few reductions over tensors the step has anyway).
+        health: also compute `ibot_engine.health.health_metrics` (a few reductions over tensors the step has anyway).
         teacher, targets: this batch's teacher outputs and Sinkhorn-Knopp log-targets (cls, patch), when the caller
             computed them over a larger batch (gradient accumulation); default: from this batch.
     """

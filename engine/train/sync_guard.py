@@ -26,16 +26,17 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.config import Config
-from engine.distributed import DistEnv
-from engine.precision import autocast_dtype
-from engine.preempt import StopSignal
-from engine.train.schedules import hyperparams_at
-from engine.train.step import train_step
-from engine.train.trainer import build_trainer
+from ibot_engine.config import Config
+from ibot_engine.distributed import DistEnv
+from ibot_engine.precision import autocast_dtype
+from ibot_engine.preempt import StopSignal
+from ibot_engine.train.schedules import hyperparams_at
+from ibot_engine.train.step import train_step
+from ibot_engine.train.trainer import build_trainer
 
 _ROOT = Path(__file__).resolve().parents[2]
-_OURS = ("engine", "kernels", "benchmarks", "tests", "launch")  # top-level folders whose frames are named
+# Top-level folders whose frames are named: the repository's (editable install) and the installed packages'.
+_OURS = ("engine", "kernels", "benchmarks", "tests", "launch", "ibot_engine", "ibot_kernels", "ibot_benchmarks")
 _aten = torch.ops.aten
 
 _HOST_READS = {_aten._local_scalar_dense.default: "reads a device value on the host (.item(), bool(), .tolist())",

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.checkpoint import Checkpointer, ShardedCheckpointer
-from engine.config import Config
-from engine.data.contract import BatchStream
-from engine.data.stream import build_data_stream
-from engine.distributed import DistEnv
-from engine.model.attention import check_attention
-from engine.model.ibot import IBOT, apply_train_options
-from engine.train.optim import build_optimizer
-from engine.train.parallel import apply_strategy, build_grad_scaler, check_strategy
-from engine.train.schedules import total_steps_for
+from ibot_engine.checkpoint import Checkpointer, ShardedCheckpointer
+from ibot_engine.config import Config
+from ibot_engine.data.contract import BatchStream
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.distributed import DistEnv
+from ibot_engine.model.attention import check_attention
+from ibot_engine.model.ibot import IBOT, apply_train_options
+from ibot_engine.train.optim import build_optimizer
+from ibot_engine.train.parallel import apply_strategy, build_grad_scaler, check_strategy
+from ibot_engine.train.schedules import total_steps_for
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """In-place EMA of the teacher's tensors towards the student's: `ema_update_(teacher, student, momentum)`.
 
-See `reference.py` for the formula. Dispatch: `kernels.dispatch`. DTensors (FSDP2 parameters) are replaced by their
+See `reference.py` for the formula. Dispatch: `ibot_kernels.dispatch`. DTensors (FSDP2 parameters) are replaced by their
 local shards first: teacher and student are sharded alike, so the update is local and needs no communication.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.dispatch import optional_module, use_triton
-from kernels.ema.reference import ema_update_ as ema_update_reference_
+from ibot_kernels.dispatch import optional_module, use_triton
+from ibot_kernels.ema.reference import ema_update_ as ema_update_reference_
 
-_triton = optional_module("kernels.ema.triton")
+_triton = optional_module("ibot_kernels.ema.triton")
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor

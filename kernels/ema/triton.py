@@ -15,7 +15,7 @@ checks 16-byte alignment and passes it as a hint.
 
 Traffic: read 2N, write N elements (teacher read + written, student read), the same floor as one flat `lerp_`.
 
-FSDP2: `kernels.ema.ema_update_` passes `DTensor.to_local()` shards here. Teacher and student are sharded the same
+FSDP2: `ibot_kernels.ema.ema_update_` passes `DTensor.to_local()` shards here. Teacher and student are sharded the same
 way, so the EMA is elementwise on the local shards and needs no communication (what DINOv2 does with FSDP1 flat
 shards). Uneven sharding gives some ranks empty shards, which get no blocks.
 
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ema.reference import ema_update_ as ema_update_reference_
+from ibot_kernels.ema.reference import ema_update_ as ema_update_reference_
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _CACHE_SIZE = 8  # distinct parameter lists seen in one process (teacher/student pairs, benchmark shapes)

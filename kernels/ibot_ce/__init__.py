@@ -1,17 +1,17 @@
 """Centered softmax cross-entropy over K prototypes (the iBOT / DINO distillation term).
 
 Public op: `centered_softmax_cross_entropy(student, teacher, center, student_temp, teacher_temp,
-return_teacher_sum=False)`, see `reference.py` for the formula and shapes. Dispatch: `kernels.dispatch`.
+return_teacher_sum=False)`, see `reference.py` for the formula and shapes. Dispatch: `ibot_kernels.dispatch`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.dispatch import optional_module, use_triton
-from kernels.ibot_ce.reference import centered_softmax_cross_entropy as centered_softmax_cross_entropy_reference
+from ibot_kernels.dispatch import optional_module, use_triton
+from ibot_kernels.ibot_ce.reference import centered_softmax_cross_entropy as centered_softmax_cross_entropy_reference
 
-_triton = optional_module("kernels.ibot_ce.triton")
+_triton = optional_module("ibot_kernels.ibot_ce.triton")
 
 
 def centered_softmax_cross_entropy(

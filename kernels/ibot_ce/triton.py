@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import interpreter_enabled
+from ibot_kernels.dispatch import interpreter_enabled
 
 # A finite stand-in for -inf on masked lanes, so that `exp(masked - max)` is 0 and no inf - inf NaN appears.
 # Real scaled logits must stay above it, which they do by 29 orders of magnitude.
@@ -293,7 +293,7 @@ def centered_softmax_cross_entropy(
     teacher_temp: float | Tensor,
     return_teacher_sum: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Triton version of `kernels.ibot_ce.reference.centered_softmax_cross_entropy` (same signature and result)."""
+    """Triton version of `ibot_kernels.ibot_ce.reference.centered_softmax_cross_entropy` (same signature and result)."""
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     temperatures = temperature_tensor(student_temp, teacher_temp, student.device)
     ce, _, teacher_sum = torch.ops.ibot.centered_softmax_ce_fwd(

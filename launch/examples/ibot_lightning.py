@@ -4,7 +4,7 @@
     python launch/examples/ibot_lightning.py                          # ViT-tiny on the built-in demo data
     python launch/examples/ibot_lightning.py --config launch/configs/vit_s16.yaml data.path=/data/in1k/train
 
-The model, objective, schedules, centres, clipping and teacher EMA are ours (`engine.integrations.lightning`); the
+The model, objective, schedules, centres, clipping and teacher EMA are ours (`ibot_engine.integrations.lightning`); the
 loop, precision, logging and checkpoints are Lightning's. Several GPUs: see ibot_lightning_distributed.py.
 """
 
@@ -18,10 +18,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_file
 
-from engine.config import load_config
-from engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
-
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
 
 
 def main() -> None:

@@ -8,7 +8,7 @@
     srun python launch/examples/ibot_lightning_distributed.py --devices 8 --nodes 4 ...     # SLURM, read by Lightning
 
 Distributed sampling is ours: each rank takes its slice of every global batch (`IBOTDataModule`, whose sampler is a
-`DistributedSampler`), so rank r sees the same images, views and masks as rank r of `torchrun -m engine train`.
+`DistributedSampler`), so rank r sees the same images, views and masks as rank r of `torchrun -m ibot_engine train`.
 `train.batch_size` is per device and the peak lr scales with the total batch (lr * batch * devices * nodes / 256).
 The centres are all-reduced over ranks every step. No SyncBatchNorm: a ViT has no batch norm.
 """
@@ -24,10 +24,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 
-from engine.config import load_config
-from engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
-
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
 
 
 def main() -> None:

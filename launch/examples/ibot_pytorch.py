@@ -17,19 +17,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.config import load_config
-from engine.data.batch import MultiCropCollate
-from engine.data.dataloader import EpochKeySampler
-from engine.data.loader import MultiCropDataset, build_dataset
-from engine.data.transforms import MultiCropTransform
-from engine.model.ibot import IBOT
-from engine.objective import ibot_loss, koleo_loss
-from engine.precision import autocast_dtype
-from engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
-from engine.train.schedules import hyperparams_at, total_steps_for
-from kernels import ema_update_
-
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.data.batch import MultiCropCollate
+from ibot_engine.data.dataloader import EpochKeySampler
+from ibot_engine.data.loader import MultiCropDataset, build_dataset
+from ibot_engine.data.transforms import MultiCropTransform
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.objective import ibot_loss, koleo_loss
+from ibot_engine.precision import autocast_dtype
+from ibot_engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
+from ibot_engine.train.schedules import hyperparams_at, total_steps_for
+from ibot_kernels import ema_update_
 
 
 def main() -> None:

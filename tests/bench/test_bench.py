@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.bench.harness import build_harness, find_max_batch
-from engine.bench.profile import CATEGORIES, classify
-from engine.bench.timing import count_flops
-from engine.cli import main
-from engine.config import load_config
-from engine.distributed import DistEnv
-from engine.model.vit import ARCHS
+from ibot_engine.bench.harness import build_harness, find_max_batch
+from ibot_engine.bench.profile import CATEGORIES, classify
+from ibot_engine.bench.timing import count_flops
+from ibot_engine.cli import main
+from ibot_engine.config import load_config
+from ibot_engine.configs import DEMO_CONFIG
+from ibot_engine.distributed import DistEnv
+from ibot_engine.model.vit import ARCHS
 
-DEMO = str(Path(__file__).resolve().parents[2] / "launch" / "configs" / "demo_cpu.yaml")
+DEMO = str(DEMO_CONFIG)
 # vit_tiny, patch 8, 2 x 32 px + 2 x 16 px crops, K = 64, a small head, batch 2.
 TINY = ["train.batch_size=2", "model.out_dim=64", "model.head_hidden_dim=64", "model.head_bottleneck_dim=32",
         "data.num_local=2"]
@@ -110,7 +111,7 @@ def test_step_flops_match_analytic_count():
     expected = _analytic_step_flops(cfg, batch.mask_indices.numel())
     assert batch.mask_indices.numel() > 0
     # The same conventions give the same integer; 0.2% leaves room for a rounding-sized difference only (without
-    # the CPU SDPA formula that engine.bench.timing registers, the count is 1.4% short and this fails).
+    # the CPU SDPA formula that ibot_engine.bench.timing registers, the count is 1.4% short and this fails).
     assert abs(counted - expected) <= 0.002 * expected, (counted, expected)
 
 
@@ -236,7 +237,7 @@ def test_kernel_times_device_branch_uses_launch_context():
     GPU-timeline copies of record_function ranges are not counted as kernels."""
     from torch.autograd import DeviceType
 
-    from engine.bench.profile import kernel_times
+    from ibot_engine.bench.profile import kernel_times
 
     step = _event(1, "ibot.step", DeviceType.CPU)
     ema = _event(2, "ibot.ema", DeviceType.CPU, parent=step)
@@ -260,7 +261,7 @@ def test_kernel_times_device_branch_uses_launch_context():
     ("NVIDIA A100-SXM4-80GB", "tf32", 156.0), ("NVIDIA H100 80GB HBM3", "fp32", 66.9), ("Tesla T4", "fp16", None),
 ])
 def test_peak_flops_table(monkeypatch, card, precision, tflops):
-    from engine.bench.timing import peak_flops
+    from ibot_engine.bench.timing import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
     peak = peak_flops(torch.device("cuda", 0), precision)
@@ -268,7 +269,7 @@ def test_peak_flops_table(monkeypatch, card, precision, tflops):
     cpu = torch.device("cpu")
     assert peak_flops(cpu, "bf16") is None
     assert peak_flops(cpu, "fp32", override_tflops=2.0) == 2e12
-    from engine.bench.timing import peak_source
+    from ibot_engine.bench.timing import peak_source
 
     source = peak_source(torch.device("cuda", 0))
     assert (card in source) if tflops is not None else ("not in PEAK_TFLOPS" in source)

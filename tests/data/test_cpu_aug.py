@@ -30,10 +30,10 @@ from torchvision import transforms as T1
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as F2
 
-from benchmarks.official_aug import OfficialMultiCrop
-from engine.config import DataConfig
-from engine.data import transforms as C
-from engine.data import views as V
+from ibot_benchmarks.official_aug import OfficialMultiCrop
+from ibot_engine.config import DataConfig
+from ibot_engine.data import transforms as C
+from ibot_engine.data import views as V
 
 P_MIN = 1e-3  # a law is rejected below this p-value; every test has fixed seeds, so none is flaky
 
@@ -254,9 +254,9 @@ def test_without_opencv_the_engine_imports_and_says_what_to_install() -> None:
     data.augment=gpu; data.augment=cpu then fails on its first image with the fix in the message."""
     code = (
         "import sys; sys.modules['cv2'] = None\n"
-        "import engine.data.stream, engine.data.augment\n"
-        "from engine.config import DataConfig\n"
-        "from engine.data.transforms import MultiCropTransform\n"
+        "import ibot_engine.data.stream, ibot_engine.data.augment\n"
+        "from ibot_engine.config import DataConfig\n"
+        "from ibot_engine.data.transforms import MultiCropTransform\n"
         "import torch\n"
         "try:\n"
         "    MultiCropTransform(DataConfig())(torch.zeros((40, 40, 3), dtype=torch.uint8), 0)\n"
@@ -274,7 +274,7 @@ def test_shard_jpegs_decode_to_pil_s_pixels() -> None:
     orientation PIL does not apply); truncated or non-JPEG bytes go to PIL, which raises on truncation."""
     import io
 
-    from engine.data.augment import CpuAugmenter, _looks_complete_jpeg
+    from ibot_engine.data.augment import CpuAugmenter, _looks_complete_jpeg
 
     image = Image.fromarray(_smooth_image(3, size=(61, 47)))
     encoded = []

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch
-from engine.data.contract import BatchStream, StreamPlace
-from engine.data.folder import ImageFolderDataset
-from engine.data.loader import DataStream, EpochBatchSampler, build_dataset
-from engine.data.masking import generate_masks
-from engine.data.stream import build_data_stream
-from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, normalise
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.batch import Batch
+from ibot_engine.data.contract import BatchStream, StreamPlace
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.loader import DataStream, EpochBatchSampler, build_dataset
+from ibot_engine.data.masking import generate_masks
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, normalise
 
 PATCH = 8
 GLOBAL, LOCAL = 32, 16
@@ -182,7 +182,7 @@ def test_corrupt_image_is_skipped_counted_and_logged(tmp_path: Path, caplog: pyt
     truncated = (tmp_path / "c.png").read_bytes()
     (tmp_path / "d.png").write_bytes(truncated[: len(truncated) // 2])
     dataset = ImageFolderDataset(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="engine.data.folder"):
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.data.folder"):
         image, label, skipped = dataset.load(1)
         assert (label, skipped) == (-1, 1)
         assert np.array_equal(np.asarray(image), np.asarray(dataset.load(2)[0]))  # c.png took b.jpg's place
@@ -193,7 +193,7 @@ def test_corrupt_image_is_skipped_counted_and_logged(tmp_path: Path, caplog: pyt
     assert "d.png" in caplog.text
     # Each bad file is logged once per process, however often it is drawn.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="engine.data.folder"):
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.data.folder"):
         dataset.load(1)
     assert caplog.text == ""
 
@@ -340,7 +340,7 @@ def test_dataset_smaller_than_a_global_batch() -> None:
 
 
 def test_build_dataset_dispatch(tmp_path: Path) -> None:
-    from engine.data.synthetic import PatternsDataset, ShapesDataset
+    from ibot_engine.data.synthetic import PatternsDataset, ShapesDataset
 
     shapes = build_dataset(_data_cfg("builtin:shapes", builtin_size=37))
     assert isinstance(shapes, ShapesDataset) and len(shapes) == 37 and shapes.split == "train"
@@ -380,7 +380,7 @@ def test_device_augmenter_prepares_one_batch_ahead_of_the_hand_over() -> None:
     """The schedule of `StreamBase` with a device augmenter: batch k + 1 is finished before batch k is handed over
     (on CUDA its work is queued on a side stream and runs during step k), and the position counts handed-over
     batches only."""
-    from engine.data.contract import StreamBase
+    from ibot_engine.data.contract import StreamBase
 
     events: list[str] = []
 

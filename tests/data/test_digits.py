@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-import engine.data.digits as digits
-from engine.config import load_config
-from engine.data.folder import ImageFolderDataset
-from engine.data.shards.write import write_shards
-from engine.data.stream import build_data_stream
-from engine.data.synthetic import builtin_dataset, builtin_folder
-from engine.eval.datasets import build_eval_dataset
+import ibot_engine.data.digits as digits
+from ibot_engine.config import load_config
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.shards.write import write_shards
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.data.synthetic import builtin_dataset, builtin_folder
+from ibot_engine.eval.datasets import build_eval_dataset
 
 pytest.importorskip("sklearn")
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from engine.config import DataConfig
-from engine.data import gpu_aug as G
-from engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from engine.data.views import draw_view_params
+from ibot_engine.config import DataConfig
+from ibot_engine.data import gpu_aug as G
+from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.views import draw_view_params
 
 
 def _images(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:

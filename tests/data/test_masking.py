@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import MaskConfig
-from engine.data.masking import (
+from ibot_engine.config import MaskConfig
+from ibot_engine.data.masking import (
     block_mask,
     dinov2_masks,
     generate_masks,

@@ -17,13 +17,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from engine.cli import main as cli_main
-from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch
-from engine.data.shards.resolve import MANIFEST, assign_shards, key_hash, resolve_shards
-from engine.data.shards.stream import ShardStream, SkipCounter, shard_samples
-from engine.data.shards.write import write_shards
-from engine.data.stream import build_data_stream
+from ibot_engine.cli import main as cli_main
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.batch import Batch
+from ibot_engine.data.shards.resolve import MANIFEST, assign_shards, key_hash, resolve_shards
+from ibot_engine.data.shards.stream import ShardStream, SkipCounter, shard_samples
+from ibot_engine.data.shards.write import write_shards
+from ibot_engine.data.stream import build_data_stream
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 CPU = torch.device("cpu")
@@ -377,7 +377,7 @@ def test_ibot_train_from_shards_stop_and_resume_equals_uninterrupted_run(
         even_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the trainer and its DCP checkpoint (the stream's cursors live in meta.json): a run killed after
     step 3 and resumed from its step-2 checkpoint logs exactly the losses of an uninterrupted run."""
-    import engine.train.loop as train_module
+    import ibot_engine.train.loop as train_module
 
     def overrides(run: Path) -> list[str]:
         return [*TINY_OVERRIDES, f"data.shards={even_shards}", "data.num_workers=2", "train.batch_size=4",
@@ -416,9 +416,9 @@ def test_gpu_path_stream_on_cuda(even_shards: Path) -> None:
 
 
 def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
-    """`python -m benchmarks.data` end to end at toy sizes: official / ours / GPU path on shards and on the folder
+    """`python -m ibot_benchmarks.data` end to end at toy sizes: official / ours / GPU path on shards and on the folder
     of the same images, the per-core ratio, the training step's data wait; a report with machine, versions, command."""
-    from benchmarks.data import main as bench_main
+    from ibot_benchmarks.data import main as bench_main
 
     out = bench_main(["--shards", str(even_shards), "--workers", "0,1", "--batches", "2", "--warmup", "1",
                       "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--num-local", "2",
@@ -426,7 +426,7 @@ def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
                       "--train-overrides", "model.arch=vit_tiny model.out_dim=256 precision=fp32 train.batch_size=4",
                       "--out", str(tmp_path / "report.md")])
     text = out.read_text()
-    for needle in ("machine:", "torch ", "OpenCV ", "webdataset ", "command: python -m benchmarks.data",
+    for needle in ("machine:", "torch ", "OpenCV ", "webdataset ", "command: python -m ibot_benchmarks.data",
                    "48 JPEGs in 8 shards", "image folder", "| shards | official (PIL + transforms v1) | 1 |",
                    "| folder | ours (data.augment=cpu) | 0 |", "| shards | gpu (decode gpu, ops on cpu) | 0 |",
                    "## Ours vs the official transforms, per core", "| folder | 1 |", "## Data wait",
@@ -436,11 +436,11 @@ def test_data_benchmark_smoke(even_shards: Path, tmp_path: Path) -> None:
 
 
 def _torchrun_train(overrides: list[str]) -> str:
-    """`torchrun --standalone --nproc-per-node=2 -m engine train ...` (gloo); returns its stdout and stderr."""
+    """`torchrun --standalone --nproc-per-node=2 -m ibot_engine train ...` (gloo); returns its stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "engine", "train",
-         *overrides], capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ibot_engine",
+         "train", *overrides], capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr

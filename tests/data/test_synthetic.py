@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data.synthetic import PatternsDataset, ShapesDataset, builtin_dataset
-from engine.eval.knn import weighted_knn
+from ibot_engine.data.synthetic import PatternsDataset, ShapesDataset, builtin_dataset
+from ibot_engine.eval.knn import weighted_knn
 
 
 def _pixels(dataset: torch.utils.data.Dataset, index: int) -> np.ndarray:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.cli import main
-from engine.config import ConfigError, load_config
-from engine.eval.linear import linear_probe
-from engine.train.loop import train
+from ibot_engine.cli import main
+from ibot_engine.config import ConfigError, load_config
+from ibot_engine.eval.linear import linear_probe
+from ibot_engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,10 +142,10 @@ def test_eval_linear_command_on_image_folders(tmp_path, capsys):
 _FEATURES_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from engine.config import load_config
-    from engine.distributed import init_distributed, teardown
-    from engine.eval.datasets import build_eval_dataset
-    from engine.eval.features import dataset_features, teacher_backbone
+    from ibot_engine.config import load_config
+    from ibot_engine.distributed import init_distributed, teardown
+    from ibot_engine.eval.datasets import build_eval_dataset
+    from ibot_engine.eval.features import dataset_features, teacher_backbone
 
     out_dir, *overrides = sys.argv[1:]
     env = init_distributed()
@@ -171,7 +171,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.distributed
 def test_two_process_extraction_equals_one_process(tmp_path, capsys):
     overrides = [*TINY_OVERRIDES, "data.builtin_size=97"]  # odd: rank 0 gets one image more than rank 1
-    proc = _torchrun("-m", "engine", "eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out",
+    proc = _torchrun("-m", "ibot_engine", "eval", "knn", "--random-init", *overrides, "--batch-size", "16", "--out",
                      str(tmp_path / "knn.json"))
     assert len(KNN_LINE.findall(proc.stdout)) == 1  # rank 0 only
     script = tmp_path / "features.py"
@@ -184,8 +184,8 @@ def test_two_process_extraction_equals_one_process(tmp_path, capsys):
     assert (two["num_train"], two["num_val"]) == (97, 100)
     assert (two["top1"], two["top5"]) == (single["top1"], single["top5"])
 
-    from engine.eval.datasets import build_eval_dataset
-    from engine.eval.features import dataset_features, teacher_backbone
+    from ibot_engine.eval.datasets import build_eval_dataset
+    from ibot_engine.eval.features import dataset_features, teacher_backbone
 
     cfg = load_config(None, overrides)
     dataset = build_eval_dataset("builtin:shapes:train", cfg)

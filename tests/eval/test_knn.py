@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.data.synthetic import ShapesDataset
-from engine.eval.features import extract_features
-from engine.eval.knn import format_knn, weighted_knn
+from ibot_engine.data.synthetic import ShapesDataset
+from ibot_engine.eval.features import extract_features
+from ibot_engine.eval.knn import format_knn, weighted_knn
 
 
 def _clusters(num_classes: int, per_class: int, dim: int, noise: float, seed: int) -> tuple[Tensor, Tensor]:

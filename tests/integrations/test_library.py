@@ -1,5 +1,5 @@
 """The engine as a library: the per-epoch DataLoader, `forward_losses`, the plain PyTorch example, and the rule that
-nothing but `engine.integrations.lightning` imports Lightning."""
+nothing but `ibot_engine.integrations.lightning` imports Lightning."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.data.dataloader import build_train_loader
-from engine.data.stream import build_data_stream
-from engine.train.loop import train
+from ibot_engine.checkpoint import Checkpointer, load_checkpoint
+from ibot_engine.data.dataloader import build_train_loader
+from ibot_engine.data.stream import build_data_stream
+from ibot_engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_importing_the_package_never_imports_lightning():
         "import pkgutil, importlib, sys, engine, kernels\n"
         "for pkg in (engine, kernels):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
-        "        if m.name in ('engine.integrations.lightning', 'engine.__main__'):\n"
+        "        if m.name in ('ibot_engine.integrations.lightning', 'ibot_engine.__main__'):\n"
         "            continue\n"
         "        try:\n"
         "            importlib.import_module(m.name)\n"

@@ -1,4 +1,4 @@
-"""The Lightning entry point (`engine.integrations.lightning`) against our own loop: same seed, batches and config
+"""The Lightning entry point (`ibot_engine.integrations.lightning`) against our own loop: same seed, batches and config
 give the same per-step losses and the same weights, in one process and in 2-process DDP (CPU, gloo); and the example
 scripts run."""
 
@@ -19,9 +19,9 @@ pytest.importorskip("lightning", reason="the optional extra is not installed: pi
 import lightning as L
 from safetensors.torch import load_file
 
-import engine.integrations.lightning as engine_lightning
-from engine.health import NonFiniteLossError
-from engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
+import ibot_engine.integrations.lightning as engine_lightning
+from ibot_engine.health import NonFiniteLossError
+from ibot_engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
 from tests.helpers import TINY_OVERRIDES
 from tests.integrations.test_library import EXAMPLE_RUN, EXAMPLES, ROOT, _cfg, assert_same_state, child_env, run_ours
 
@@ -111,16 +111,16 @@ def test_lightning_example_matches_our_loop(tmp_path):
     assert_same_state(load_file(tmp_path / "example" / "ibot_model.safetensors"), state)
 
 
-# Our loop under torchrun, recording the mean loss over ranks of every step (computed as engine.integrations.lightning
-# logs it) and the final model state. Our metrics.jsonl `loss` is not used: what it holds under several ranks may
-# change.
+# Our loop under torchrun, recording the mean loss over ranks of every step (computed as
+# ibot_engine.integrations.lightning logs it) and the final model state. Our metrics.jsonl `loss` is not used: what
+# it holds under several ranks may change.
 OURS_DDP = textwrap.dedent("""
     import json, os, sys
     import torch
     from safetensors.torch import save_file
-    import engine.train.loop as T
-    from engine.config import load_config
-    from engine.distributed import all_reduce_sum
+    import ibot_engine.train.loop as T
+    from ibot_engine.config import load_config
+    from ibot_engine.distributed import all_reduce_sum
 
     out, overrides = sys.argv[1], sys.argv[2:]
     losses, seen = [], {}

@@ -15,7 +15,7 @@ def test_kernel_benchmark_cpu_quick(tmp_path: Path) -> None:
     results = REPO_ROOT / "benchmarks" / "results"
     before = sorted(p.name for p in results.iterdir()) if results.exists() else []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "benchmarks.kernels", "--device", "cpu", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "ibot_benchmarks.kernels", "--device", "cpu", "--quick", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = out.read_text()

@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels.dispatch import force_backend, use_triton
+import ibot_kernels
+from ibot_kernels import dispatch
+from ibot_kernels.dispatch import force_backend, use_triton
 
 FAKE_TRITON_MODULE = types.ModuleType("fake_triton_module")  # stands for an importable kernels.<op>.triton
 
@@ -57,10 +57,10 @@ def test_interpreter_runs_triton_on_cpu_tensors(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_force_backend_restores_and_validates() -> None:
-    before = kernels.current_backend()
+    before = ibot_kernels.current_backend()
     with force_backend("reference"):
-        assert kernels.current_backend() == "reference"
-    assert kernels.current_backend() == before
+        assert ibot_kernels.current_backend() == "reference"
+    assert ibot_kernels.current_backend() == before
     with pytest.raises(ValueError, match="not one of"), force_backend("cuda"):
         pass
 
@@ -80,7 +80,7 @@ def test_env_variable_rejects_unknown_values(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.usefixtures("no_interpreter")
 def test_choice_is_logged_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(dispatch, "_logged", set())
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"), force_backend("auto"):
+    with caplog.at_level(logging.INFO, logger="ibot_kernels.dispatch"), force_backend("auto"):
         for _ in range(3):
             use_triton("some_op", FAKE_TRITON_MODULE, torch.zeros(2))
     assert [r.getMessage() for r in caplog.records] == ["kernels: some_op uses the reference backend"]
@@ -90,19 +90,19 @@ def test_choice_is_logged_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.L
 def test_public_ops_fall_back_on_cpu_and_raise_when_forced() -> None:
     student, teacher, center = torch.randn(3, 10), torch.randn(3, 10), torch.zeros(10)
     with force_backend("auto"):
-        ce = kernels.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04)
-        kernels.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)
+        ce = ibot_kernels.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04)
+        ibot_kernels.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)
     assert ce.shape == (3,)
     with force_backend("triton"):
         with pytest.raises(RuntimeError, match="centered_softmax_cross_entropy"):
-            kernels.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04)
+            ibot_kernels.centered_softmax_cross_entropy(student, teacher, center, 0.1, 0.04)
         with pytest.raises(RuntimeError, match="ema_update_"):
-            kernels.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)
+            ibot_kernels.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)
 
 
 @pytest.mark.interpreter
 def test_public_ce_dispatches_to_triton_under_interpreter(triton_device: str) -> None:
-    from kernels.ibot_ce import triton as ce_triton
+    from ibot_kernels.ibot_ce import triton as ce_triton
 
     student = torch.randn(3, 10, device=triton_device)
     calls = []
@@ -114,5 +114,5 @@ def test_public_ce_dispatches_to_triton_under_interpreter(triton_device: str) ->
 
     with pytest.MonkeyPatch.context() as mp, force_backend("auto"):
         mp.setattr(ce_triton, "centered_softmax_cross_entropy", spy)
-        kernels.centered_softmax_cross_entropy(student, student, torch.zeros(10, device=triton_device), 0.1, 0.04)
+        ibot_kernels.centered_softmax_cross_entropy(student, student, torch.zeros(10, device=triton_device), 0.1, 0.04)
     assert len(calls) == 1

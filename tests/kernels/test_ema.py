@@ -9,16 +9,16 @@ import pytest
 import torch
 from kernel_helpers import BF16_INTERPRETER_RTOL, tol
 
-import kernels
-from kernels.dispatch import force_backend
-from kernels.ema.reference import ema_update_ as ema_reference_
+import ibot_kernels
+from ibot_kernels.dispatch import force_backend
+from ibot_kernels.ema.reference import ema_update_ as ema_reference_
 
 DTYPES = [torch.float32, torch.bfloat16]
 MOMENTUM = 0.996
 
 
 def _triton():
-    from kernels.ema import triton as ema_triton  # imported late: needs TRITON_INTERPRET set before import
+    from ibot_kernels.ema import triton as ema_triton  # imported late: needs TRITON_INTERPRET set before import
 
     return ema_triton
 
@@ -92,7 +92,7 @@ def _check_dtensor_local_shards(backend: str) -> None:
             student = [distribute_tensor(full_s.clone(), mesh, [Shard(0)]), torch.randn(4)]
             expected = _expected([full_t, teacher[1]], [full_s, student[1]], 0.9)
             with force_backend(backend):
-                kernels.ema_update_(teacher, student, 0.9)
+                ibot_kernels.ema_update_(teacher, student, 0.9)
             assert isinstance(teacher[0], DTensor)
             _assert_formula([teacher[0].full_tensor(), teacher[1]], expected, bf16_rtol=2.0**-8)
         finally:
@@ -150,7 +150,7 @@ def test_public_op_dispatches_to_triton(triton_device: str) -> None:
     teacher, student = _tensor_lists(7, triton_device)
     expected = _expected(teacher, student, MOMENTUM)
     with force_backend("triton"):
-        kernels.ema_update_(teacher, student, MOMENTUM)
+        ibot_kernels.ema_update_(teacher, student, MOMENTUM)
     _assert_formula(teacher, expected, BF16_INTERPRETER_RTOL)
 
 
@@ -166,7 +166,7 @@ def test_public_op_keeps_teacher_parameters_leaves_with_grad_enabled() -> None:
     teacher = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 3))]
     student = [torch.ones(5, requires_grad=True), torch.full((2, 3), 2.0, requires_grad=True)]
     with torch.enable_grad():
-        kernels.ema_update_(teacher, student, 0.9)
+        ibot_kernels.ema_update_(teacher, student, 0.9)
     assert all(t.is_leaf and t.grad_fn is None for t in teacher)
     torch.testing.assert_close(teacher[0].detach(), torch.full((5,), 0.1))
     torch.testing.assert_close(teacher[1].detach(), torch.full((2, 3), 0.2))

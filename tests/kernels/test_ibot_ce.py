@@ -13,7 +13,7 @@ import torch
 from kernel_helpers import BF16_INTERPRETER_RTOL, assert_within_2x_reference, tol
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from kernels.ibot_ce.reference import centered_softmax_cross_entropy as ce_reference
+from ibot_kernels.ibot_ce.reference import centered_softmax_cross_entropy as ce_reference
 
 SHAPES_M = [0, 1, 7, 300]
 SHAPES_K = [1, 3, 1000, 8192, 65537]
@@ -21,7 +21,7 @@ TEMPERATURES = [(0.1, 0.04), (1.0, 1.0), (0.1, 0.01), (0.01, 0.07)]
 
 
 def _triton():
-    from kernels.ibot_ce import triton as ce_triton  # imported late: needs TRITON_INTERPRET set before import
+    from ibot_kernels.ibot_ce import triton as ce_triton  # imported late: needs TRITON_INTERPRET set before import
 
     return ce_triton
 

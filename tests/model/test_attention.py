@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
-from engine.model.attention import Packing, check_attention, make_packing
-from engine.model.ibot import IBOTNetwork
-from engine.model.vit import VisionTransformer, drop_path
+from ibot_engine.config import ConfigError, load_config
+from ibot_engine.model.attention import Packing, check_attention, make_packing
+from ibot_engine.model.ibot import IBOTNetwork
+from ibot_engine.model.vit import VisionTransformer, drop_path
 from tests.helpers import tiny_config
 
 CUDA = torch.cuda.is_available()
@@ -157,8 +157,8 @@ def test_student_network_with_packed_crops_equals_unpacked():
 
 
 def test_attention_benchmark_smoke_run_writes_its_report(tmp_path):
-    """`python -m benchmarks.attention --device cpu --quick` runs every CPU-capable row and names the fastest."""
-    from benchmarks.attention import main
+    """`python -m ibot_benchmarks.attention --device cpu --quick` runs every CPU-capable row and names the fastest."""
+    from ibot_benchmarks.attention import main
 
     out = tmp_path / "attention.md"
     main(["--device", "cpu", "--quick", "--no-compile", "--out", str(out)])

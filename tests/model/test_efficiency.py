@@ -10,14 +10,14 @@ import textwrap
 import pytest
 import torch
 
-import engine.accel as accel
-from engine.config import load_config
-from engine.distributed import DistEnv
-from engine.model.vit import Block, VisionTransformer, drop_add_subset
-from engine.train.optim import apply_hyperparams, build_optimizer
-from engine.train.schedules import hyperparams_at
-from engine.train.step import train_step
-from engine.train.trainer import build_trainer
+import ibot_engine.accel as accel
+from ibot_engine.config import load_config
+from ibot_engine.distributed import DistEnv
+from ibot_engine.model.vit import Block, VisionTransformer, drop_add_subset
+from ibot_engine.train.optim import apply_hyperparams, build_optimizer
+from ibot_engine.train.schedules import hyperparams_at
+from ibot_engine.train.step import train_step
+from ibot_engine.train.trainer import build_trainer
 from tests.helpers import TINY_OVERRIDES, tiny_config
 
 
@@ -98,7 +98,7 @@ def test_subset_drop_path_is_unbiased():
 
 
 def test_training_runs_with_every_efficiency_option(tmp_path):
-    from engine.train.loop import train
+    from ibot_engine.train.loop import train
 
     for options in (["model.pack_crops=true", "train.activation_checkpointing=selective"],
                     ["model.drop_path_impl=subset", "train.activation_checkpointing=full"]):
@@ -192,7 +192,7 @@ def test_nvidia_apex_is_used_where_it_can_run(tmp_path, clean_apex, caplog, tiny
     })
     clean_apex.syspath_prepend(str(tmp_path))
     assert accel.nvidia_apex() is not None
-    from engine.model.ibot import IBOTNetwork
+    from ibot_engine.model.ibot import IBOTNetwork
 
     net = IBOTNetwork(tiny_config("model.norm_impl=apex").model, student=True)
     assert type(net.backbone.blocks[0].norm1).__name__ == "FusedLayerNorm"
@@ -226,7 +226,7 @@ def test_real_apex_fused_adam_matches_torch_adamw():
 
 
 def test_fused_ops_benchmark_smoke_run_writes_its_report(tmp_path):
-    from benchmarks.fused_ops import main
+    from ibot_benchmarks.fused_ops import main
 
     out = main(["--device", "cpu", "--quick", "--out", str(tmp_path / "fused.md")])
     text = out.read_text()

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import LossConfig, ModelConfig
-from engine.model.head import IBOTHead
-from engine.model.ibot import IBOT
-from engine.model.vit import VisionTransformer
+from ibot_engine.config import LossConfig, ModelConfig
+from ibot_engine.model.head import IBOTHead
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.model.vit import VisionTransformer
 
 TINY = ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, out_dim=64, head_hidden_dim=32,
                    head_bottleneck_dim=16, drop_path=0.1)

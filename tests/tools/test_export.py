@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.checkpoint import Checkpointer
-from engine.cli import main
-from engine.config import config_to_dict, load_config
-from engine.model.ibot import IBOT
-from engine.model.vit import VisionTransformer
-from engine.tools.export import TIMM_NAMES, backbone_state, timm_kwargs, to_timm
+from ibot_engine.checkpoint import Checkpointer
+from ibot_engine.cli import main
+from ibot_engine.config import config_to_dict, load_config
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.model.vit import VisionTransformer
+from ibot_engine.tools.export import TIMM_NAMES, backbone_state, timm_kwargs, to_timm
 from tests.helpers import tiny_config
 
 timm = pytest.importorskip("timm")

@@ -7,12 +7,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import Checkpointer
-from engine.cli import main
-from engine.config import config_to_dict, load_config
-from engine.model.ibot import IBOT
-from engine.model.vit import VisionTransformer
-from engine.tools.visualize import example_masks, last_block_attention
+from ibot_engine.checkpoint import Checkpointer
+from ibot_engine.cli import main
+from ibot_engine.config import config_to_dict, load_config
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.model.vit import VisionTransformer
+from ibot_engine.tools.visualize import example_masks, last_block_attention
 from tests.helpers import tiny_config
 
 

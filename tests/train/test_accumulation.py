@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.train.loop import train
+from ibot_engine.checkpoint import Checkpointer, load_checkpoint
+from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 
 STEPS = 5

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import LossConfig, ModelConfig
-from engine.model.ibot import IBOT
-from engine.train.optim import clip_gradients_, param_groups
+from ibot_engine.config import LossConfig, ModelConfig
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.train.optim import clip_gradients_, param_groups
 
 
 def test_groups_follow_the_official_rule():

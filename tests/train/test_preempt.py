@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import engine.train.loop as train_module
-from engine.checkpoint import Checkpointer, load_consolidated
-from engine.cli import main as cli_main
-from engine.preempt import REQUEUE_EXIT_CODE, Preempted, StopSignal
-from engine.train.loop import train
+import ibot_engine.train.loop as train_module
+from ibot_engine.checkpoint import Checkpointer, load_consolidated
+from ibot_engine.cli import main as cli_main
+from ibot_engine.preempt import REQUEUE_EXIT_CODE, Preempted, StopSignal
+from ibot_engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def test_a_kill_during_the_stop_checkpoint_leaves_the_previous_checkpoint_and_la
         import sys, time
         from pathlib import Path
         import torch.distributed.checkpoint as dcp
-        from engine.cli import main
+        from ibot_engine.cli import main
         real_write = dcp.FileSystemWriter.write_data
         def write_data(self, plan, planner):
             if ".step_00000002." in str(self.path):  # the first checkpoint is written normally
@@ -201,7 +201,7 @@ def test_ranks_agree_on_the_stop_step_when_only_one_is_signalled(tmp_path):
 
 _LEFTOVER_WORKERS = """
 import sys, torch
-from engine import preempt
+from ibot_engine import preempt
 init = preempt.stop_signal_safe_workers() if sys.argv[1] == "safe" else preempt.ignore_stop_signals
 loader = torch.utils.data.DataLoader(range(1000), batch_size=2, num_workers=2, worker_init_fn=init)
 batches = iter(loader)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.config import load_config
-from engine.train.schedules import cosine, hyperparams_at, teacher_temperature, warmup_cosine
+from ibot_engine.config import load_config
+from ibot_engine.train.schedules import cosine, hyperparams_at, teacher_temperature, warmup_cosine
 
 
 def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from engine.distributed import DistEnv
-from engine.train.sync_guard import HostSyncError, HostSyncGuard, guarded_steps
+from ibot_engine.distributed import DistEnv
+from ibot_engine.train.sync_guard import HostSyncError, HostSyncGuard, guarded_steps
 from tests.helpers import tiny_config
 
 
@@ -70,7 +70,7 @@ def test_fsdp_training_step_has_no_host_sync(tmp_path):
 def test_the_triton_loss_builds_its_temperatures_without_a_host_copy():
     """The Triton loss's (2,) temperature tensor is filled on the device (on a GPU the kernel follows; on CPU the
     step takes the reference path, so the guarded steps above do not reach this code)."""
-    from kernels.ibot_ce.triton import temperature_tensor
+    from ibot_kernels.ibot_ce.triton import temperature_tensor
 
     with HostSyncGuard():
         temperatures = temperature_tensor(0.1, 0.04, torch.device("cpu"))

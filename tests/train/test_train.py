@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.train.loop as train_module
-import engine.train.step as step_module
-from engine.checkpoint import Checkpointer, load_checkpoint
-from engine.data.synthetic import builtin_dataset
-from engine.health import NonFiniteLossError
-from engine.train.loop import train
+import ibot_engine.train.loop as train_module
+import ibot_engine.train.step as step_module
+from ibot_engine.checkpoint import Checkpointer, load_checkpoint
+from ibot_engine.data.synthetic import builtin_dataset
+from ibot_engine.health import NonFiniteLossError
+from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,7 @@ def test_checkpoint_killed_mid_write_leaves_previous_checkpoint_loadable(tmp_pat
     script = textwrap.dedent(f"""
         import time, torch
         from pathlib import Path
-        from engine.checkpoint import Checkpointer
+        from ibot_engine.checkpoint import Checkpointer
         ckpt = Checkpointer({str(tmp_path)!r})
         ckpt.save(1, {{"step": 1, "w": torch.ones(1000)}})
         real_save = torch.save
@@ -208,7 +208,7 @@ def test_crafted_checkpoint_metadata_is_refused_not_executed(tmp_path):
     """DCP's .metadata is a pickle: loading a checkpoint must not run the code a crafted one carries."""
     import pickle
 
-    from engine.checkpoint import load_consolidated
+    from ibot_engine.checkpoint import load_consolidated
 
     train(_cfg(tmp_path, "train.steps=2", "checkpoint.every=2"))
     ckpt = tmp_path / "checkpoints" / "step_00000002"
@@ -227,7 +227,7 @@ def test_fsdp_in_one_process_with_async_save_saves_and_resumes(tmp_path, monkeyp
     too, and a stopped run resumes from its async checkpoint to the uninterrupted run's losses and weights."""
     import torch.distributed as dist
 
-    from engine.checkpoint import ShardedCheckpointer
+    from ibot_engine.checkpoint import ShardedCheckpointer
 
     groups = []
     real_init = ShardedCheckpointer.__init__
@@ -258,9 +258,9 @@ def test_fsdp_in_one_process_with_async_save_saves_and_resumes(tmp_path, monkeyp
 def test_a_run_starts_from_given_weights_in_place_of_its_draw(tmp_path):
     """`train(cfg, initial_state=...)` / `build_trainer`: the model starts from those weights (a paired comparison
     with another implementation's draw, benchmarks/peer_learning.py --ours-init lightly), not from the seed's."""
-    from engine.distributed import DistEnv
-    from engine.model.ibot import IBOT
-    from engine.train.trainer import build_trainer
+    from ibot_engine.distributed import DistEnv
+    from ibot_engine.model.ibot import IBOT
+    from ibot_engine.train.trainer import build_trainer
 
     cfg = _cfg(tmp_path, "train.steps=1")
     torch.manual_seed(123)  # another draw than train.seed's

@@ -37,13 +37,20 @@ import torch
 import torch.distributed as dist
 import torch.utils.data
 
-from engine.config import DataConfig, MaskConfig
-from engine.data.batch import Batch, Sample, SampleKey, sample_seed
-from engine.data.contract import StreamBase, StreamPlace
-from engine.data.masking import seeded_rng
-from engine.data.shards.resolve import IMAGE_KEYS, ShardSet, assign_shards, check_local_shards, key_hash, resolve_shards
-from engine.distributed import is_distributed
-from engine.preempt import stop_signal_safe_workers
+from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.batch import Batch, Sample, SampleKey, sample_seed
+from ibot_engine.data.contract import StreamBase, StreamPlace
+from ibot_engine.data.masking import seeded_rng
+from ibot_engine.data.shards.resolve import (
+    IMAGE_KEYS,
+    ShardSet,
+    assign_shards,
+    check_local_shards,
+    key_hash,
+    resolve_shards,
+)
+from ibot_engine.distributed import is_distributed
+from ibot_engine.preempt import stop_signal_safe_workers
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.data.folder import ImageFolderDataset
-from engine.data.shards.resolve import MANIFEST, MANIFEST_FORMAT
-from engine.data.synthetic import builtin_folder
+from ibot_engine.data.folder import ImageFolderDataset
+from ibot_engine.data.shards.resolve import MANIFEST, MANIFEST_FORMAT
+from ibot_engine.data.synthetic import builtin_folder
 
 logger = logging.getLogger(__name__)
 
