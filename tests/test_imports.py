@@ -136,7 +136,8 @@ def test_upward_imports_finds_one():
     """The shape of the old `engine/accel.py` (model/ibot.py -> accel -> model/vit.py) is found, and a top-level module
     that the subpackage uses without importing it back is not."""
     graph = {"ibot_engine.model": set(), "ibot_engine.model.ibot": {"ibot_engine.accel", "ibot_engine.config"},
-             "ibot_engine.model.vit": set(), "ibot_engine.accel": {"ibot_engine.model.vit"}, "ibot_engine.config": set()}
+             "ibot_engine.model.vit": set(), "ibot_engine.accel": {"ibot_engine.model.vit"},
+             "ibot_engine.config": set()}
     assert upward_imports(graph) == ["ibot_engine.model.ibot -> ibot_engine.accel -> ibot_engine.model.vit"]
     graph["ibot_engine.accel"] = set()
     assert upward_imports(graph) == []
