@@ -53,7 +53,7 @@ class TrainConfig:
     """Student blocks: full recomputes each block in the backward (least memory); selective keeps matmul and
     attention outputs and recomputes the elementwise ops (LayerNorm, GELU, residuals); none keeps everything."""
     on_collapse: Literal["warn", "stop"] = "warn"
-    """What the collapse detector (engine/health.py) does when the teacher's targets stay near uniform or one-hot,
+    """What the collapse detector (engine/train/health.py) does when the teacher's targets stay near uniform or one-hot,
     or the cls embeddings of the batch become nearly identical, for several logging steps: warn once, or stop."""
     accum_steps: int = 1
     """Gradient accumulation: micro-batches of `batch_size` per optimizer step, exactly one step on their
@@ -92,7 +92,7 @@ class ModelConfig:
     """How the teacher's head starts: copy: the student's (official iBOT, DINOv2); independent: its own draw of the
     same init (lightly's example). The backbone is always copied. With a copy, student and teacher start as one
     network and the first cls targets are sharp (H/ln K 0.5-0.7 after 10 steps on digits at 64 px); with an
-    independent head they stay near uniform, as in lightly's example (README, "Learning on real data")."""
+    independent head they stay near uniform, as in lightly's example (docs/learning.md)."""
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_layers: int = 3
@@ -116,8 +116,9 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     path: str = "builtin:patterns"
-    """Image folder (class sub-folders or a flat folder of images), or a generated labelled dataset for demos and
-    tests: `builtin:patterns` (the demo's) or `builtin:shapes`."""
+    """Image folder (class sub-folders or a flat folder of images), or a built-in labelled dataset for demos and
+    tests: `builtin:digits` (scikit-learn's scans of handwritten digits, the demo's), or the generated
+    `builtin:patterns` (the default, for quick runs and tests) and `builtin:shapes`."""
     global_size: int = 224
     local_size: int = 96
     num_global: int = 2
@@ -139,7 +140,7 @@ class DataConfig:
     epoch_samples: int = 0
     """Samples per epoch; 0: the manifest's total (needed when the shards have no manifest)."""
     augment: Literal["cpu", "gpu"] = "cpu"
-    """cpu: the recipe on uint8 arrays in the workers (engine/data/transforms.py: OpenCV and torch kernels, ~3x the
+    """cpu: the recipe on uint8 arrays in the workers (engine/data/cpu_aug.py: OpenCV and torch kernels, ~3x the
     official PIL transforms per core); gpu: batched crops and colour ops on the training device
     (engine/data/augment.py), the workers only read the images and draw the views' parameters. Both serve image
     folders, built-in data and shards."""

@@ -7,7 +7,7 @@ An augmenter works in two processes:
   stacks a batch of `Sample`s and draws its masks;
 * in the training process, `finish` completes a collated batch on the training device.
 
-`CpuAugmenter` (`data.augment=cpu`): the whole recipe on uint8 arrays in the workers (transforms.py: decode once,
+`CpuAugmenter` (`data.augment=cpu`): the whole recipe on uint8 arrays in the workers (cpu_aug.py: decode once,
 OpenCV and torch kernels), normalised to float32 by the collate; `finish` only returns the `Batch`.
 `GpuAugmenter` (`data.augment=gpu`): the workers keep each image as uint8 (or, from shards, as JPEG bytes to be
 decoded on the device) and draw every view's random parameters; `collate` gives a `RawBatch`, and `finish` decodes
@@ -30,8 +30,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ibot_engine.config import DataConfig, MaskConfig
 from ibot_engine.data.batch import Batch, MultiCropCollate, Sample
+from ibot_engine.data.cpu_aug import MultiCropTransform, decode_jpeg, rgb_array
 from ibot_engine.data.gpu_aug import GpuMultiCrop, decode_batch
-from ibot_engine.data.transforms import MultiCropTransform, decode_jpeg, rgb_array
 from ibot_engine.data.views import draw_view_params
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _uint8_chw(image: Image.Image) -> Tensor:
 
 
 class CpuAugmenter:
-    """Multi-crop in the dataloader workers (uint8, transforms.py); the training process gets `Batch`es."""
+    """Multi-crop in the dataloader workers (uint8, cpu_aug.py); the training process gets `Batch`es."""
 
     on_device = False
 

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ibot_engine.config import MaskConfig
 from ibot_engine.data.masking import generate_masks, masked_token_indices
-from ibot_engine.data.transforms import normalise
+from ibot_engine.data.normalise import normalise
 
-# Domain tag of a sample's augmentation seed (masking.py and loader.py have their own): keys with equal numbers in
+# Domain tag of a sample's augmentation seed (masking.py and sources.py have their own): keys with equal numbers in
 # different roles, e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
 _TAG_AUGMENT = 0x4147  # "AG"
 
@@ -83,7 +83,7 @@ def _stack(views: list[Tensor]) -> Tensor:
     """[N, 3, H, W] float32 of N views: uint8 ones normalised, float ones (already normalised) as they are."""
     if views[0].dtype != torch.uint8:
         return torch.stack(views)
-    # uint8 views are [3, H, W] views of HWC arrays (transforms.py): stacking them as HWC is a plain copy, and the
+    # uint8 views are [3, H, W] views of HWC arrays (cpu_aug.py): stacking them as HWC is a plain copy, and the
     # cast to float32 then writes CHW in one pass (stacking CHW first, a strided gather, costs ~20% more).
     return normalise(torch.stack([v.permute(1, 2, 0) for v in views]).permute(0, 3, 1, 2))
 
@@ -91,7 +91,7 @@ def _stack(views: list[Tensor]) -> Tensor:
 class MultiCropCollate:
     """Stacks samples view-major and draws the global-crop masks of the batch (CPU, in the worker).
 
-    uint8 views (transforms.py) become ImageNet-normalised float32 here, the whole batch in one pass; float views
+    uint8 views (cpu_aug.py) become ImageNet-normalised float32 here, the whole batch in one pass; float views
     are taken as already normalised.
     """
 

@@ -1,6 +1,6 @@
 """The iBOT multi-crop recipe as batched tensor ops: decode and augment on the training device.
 
-The CPU path (transforms.py) augments each image in the dataloader workers (uint8 arrays, OpenCV and torch
+The CPU path (cpu_aug.py) augments each image in the dataloader workers (uint8 arrays, OpenCV and torch
 kernels); even at its ~100 img/s per core a 16-core node feeds less than one H100 consumes. On this path the
 workers only read the shards, check each JPEG, and draw the random parameters of every view (cheap, per sample,
 seeded by the sample's own seed as on the CPU path); the training process then decodes the batch
@@ -36,7 +36,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from ibot_engine.config import DataConfig
-from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD
 from ibot_engine.data.views import (
     NUM_PARAMS,
     P_BLUR,

@@ -1,9 +1,11 @@
-"""Built-in labelled dataset for the demo: shapes whose class is their geometry, in random palette colours.
+"""Built-in labelled datasets (`data.path=builtin:NAME`): the generated `shapes` and `patterns` (the default
+`data.path`, for quick runs and tests), and `builtin_dataset`, which also opens the real scans of `digits`
+(digits.py; the demo's data).
 
-Nothing is downloaded or stored: image `i` of a split is rendered on the fly from a generator seeded with
+Nothing generated is downloaded or stored: image `i` of a split is rendered on the fly from a generator seeded with
 `(seed, split, i)`, so every process and every run sees the same pixels.
 
-The class is the shape (circle, ring, square, frame, triangle, star, cross, crescent, striped disc, checkered
+`shapes`: the class is the shape (circle, ring, square, frame, triangle, star, cross, crescent, striped disc, checkered
 square). Everything else is random per image: foreground and background colours (a pair from a small palette
 with enough luma contrast to survive grayscale), position, size, rotation, a faint gradient and pixel noise.
 Colour dominates a random-init ViT's cls token, so k-NN of random features is near chance; the palette is small
@@ -188,7 +190,8 @@ PATTERN_CLASSES = ["hstripes", "vstripes", "checker", "dots", "rings", "plaid", 
 
 
 class PatternsDataset(_GeneratedDataset):
-    """Synthetic pattern classification (the demo's data): label = the pattern's structure.
+    """Synthetic pattern classification (the default `data.path`, for quick runs and tests): label = the pattern's
+    structure.
 
     Classes: horizontal / vertical stripes, checker, dots, rings, plaid, crosshatch, flat. Every class is unchanged
     by a horizontal flip and by rescaling within the crop scales, so the label survives iBOT's augmentations; the

@@ -6,7 +6,7 @@ tries and centre-crop fallback of torchvision's `RandomResizedCrop.get_params`),
 0.2, 0.1) p=0.8 with its four factors (brightness, contrast ~ U(0.6, 1.4), saturation ~ U(0.8, 1.2), hue ~
 U(-0.1, 0.1)) applied in a uniformly random order, grayscale p=0.2, Gaussian blur with sigma ~ U(0.1, 2) at p=1.0 /
 0.1 / 0.5 for global view 1 / global view 2 / locals, solarize (threshold 128) p=0.2 on global view 2. The CPU
-augmenter (transforms.py) applies these parameters to uint8 arrays in the workers, the GPU augmenter (gpu_aug.py)
+augmenter (cpu_aug.py) applies these parameters to uint8 arrays in the workers, the GPU augmenter (gpu_aug.py)
 to batches on the device.
 
 The laws are written out here on explicit uniforms rather than taken from torchvision's sampler, which draws from

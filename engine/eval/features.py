@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from ibot_engine.config import Config
-from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD
 from ibot_engine.distributed import get_rank, get_world_size
 from ibot_engine.model.ibot import IBOT
 from ibot_engine.preempt import stop_signal_safe_workers

@@ -53,10 +53,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from ibot_engine.config import Config, config_from_dict, config_to_dict
 from ibot_engine.data.batch import Batch
-from ibot_engine.data.dataloader import build_train_loader
+from ibot_engine.data.epoch_loader import build_train_loader
 from ibot_engine.distributed import all_reduce_sum
-from ibot_engine.health import HEALTH_KEYS, NonFiniteLossError
 from ibot_engine.model.ibot import IBOT, TeacherOutput, apply_train_options
+from ibot_engine.train.health import HEALTH_KEYS, NonFiniteLossError
 from ibot_engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from ibot_engine.train.schedules import Hyperparams, hyperparams_at, total_steps_for
 from ibot_engine.train.step import forward_losses, joined_teacher_outputs
@@ -71,7 +71,8 @@ class IBOTLightningModule(L.LightningModule):
     Logs per step: `loss`, `loss_cls`, `loss_patch` (and `loss_koleo` with `loss.koleo_weight`; means over all
     ranks), `grad_norm` (before clipping), and every `Trainer(log_every_n_steps)` steps the scheduled `lr`,
     `weight_decay`, `momentum`, `teacher_temp`, `patch_teacher_temp` and the training-health metrics of
-    `ibot_engine.health` (means over ranks). `training_step` returns the local loss, which Lightning backpropagates.
+    `ibot_engine.train.health` (means over ranks). `training_step` returns the local loss, which Lightning
+    backpropagates.
 
     Building the module seeds torch's global RNG with `train.seed` before the model's init, as `ibot train` does,
     so every rank starts from the same weights and the run repeats with the seed.
@@ -128,7 +129,7 @@ class IBOTLightningModule(L.LightningModule):
         if not math.isfinite(steps) or steps <= 0:
             raise ValueError(
                 "IBOTLightningModule needs a finite per-epoch train loader (its length is the epoch of the "
-                "schedules): use IBOTDataModule or ibot_engine.data.dataloader.build_train_loader"
+                "schedules): use IBOTDataModule or ibot_engine.data.epoch_loader.build_train_loader"
             )
         self.steps_per_epoch = math.ceil(steps / self.trainer.accumulate_grad_batches)  # optimizer steps
         self.total_steps = total_steps_for(self.cfg, self.steps_per_epoch)
@@ -170,7 +171,7 @@ class IBOTLightningModule(L.LightningModule):
         values = [losses.total, losses.cls, losses.patch]
         if losses.koleo is not None:
             names, values = [*names, "loss_koleo"], [*values, losses.koleo]
-        if health is not None:  # training-health metrics (engine/health.py), on logging steps only
+        if health is not None:  # training-health metrics (engine/train/health.py), on logging steps only
             names, values = [*names, *HEALTH_KEYS], [*values, *health.unbind(0)]
         means = all_reduce_sum(torch.stack(values).detach().float()) / self.trainer.world_size
         self.log_dict(dict(zip(names, means.unbind(0), strict=True)), on_step=True, on_epoch=False, prog_bar=False)

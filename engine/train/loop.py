@@ -33,11 +33,11 @@ from ibot_engine.distributed import (
     teardown,
 )
 from ibot_engine.eval.knn import KnnEvaluator
-from ibot_engine.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
-from ibot_engine.logging import MetricLogger, setup_logging
 from ibot_engine.objective import IBOTLoss
 from ibot_engine.precision import autocast_dtype
 from ibot_engine.preempt import Preempted, StopSignal
+from ibot_engine.train.health import HEALTH_KEYS, CollapseDetector, NonFiniteLossError
+from ibot_engine.train.metrics import MetricLogger, setup_logging
 from ibot_engine.train.schedules import Hyperparams, hyperparams_at, peak_lr
 from ibot_engine.train.state import data_state, restore_training_state, training_state
 from ibot_engine.train.step import train_step

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ibot_engine.config import Config
 from ibot_engine.data.batch import Batch
 from ibot_engine.distributed import all_gather_with_grad, all_reduce_sum, get_rank
-from ibot_engine.health import health_metrics
 from ibot_engine.model.ibot import IBOT, TeacherOutput
 from ibot_engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets
+from ibot_engine.train.health import health_metrics
 from ibot_engine.train.optim import apply_hyperparams, clip_gradients_, last_layer_params
 from ibot_engine.train.parallel import clip_sharded_gradients_
 from ibot_engine.train.schedules import Hyperparams
@@ -34,7 +34,7 @@ from ibot_engine.train.trainer import Trainer
 class ForwardOutput(NamedTuple):
     losses: IBOTLoss
     teacher: TeacherOutput  # what `model.update_centers` needs
-    health: Tensor | None  # `ibot_engine.health.HEALTH_KEYS` values (fp32, on the device) when asked for, else None
+    health: Tensor | None  # `HEALTH_KEYS` values (health.py; fp32, on the device) when asked for, else None
 
 
 def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, student: nn.Module | None = None, *,
@@ -50,7 +50,7 @@ def forward_losses(model: IBOT, batch: Batch, hp: Hyperparams, cfg: Config, stud
             are read.
         cfg: the run config (`loss` and `data.num_global` are read).
         student: the module to call for the student pass, e.g. a DDP wrapper of `model.student` (default: it).
-        health: also compute `ibot_engine.health.health_metrics` (a few reductions over tensors the step has anyway).
+        health: also compute `health.health_metrics` (a few reductions over tensors the step has anyway).
         teacher, targets: this batch's teacher outputs and Sinkhorn-Knopp log-targets (cls, patch), when the caller
             computed them over a larger batch (gradient accumulation); default: from this batch.
     """

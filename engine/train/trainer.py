@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ibot_engine.checkpoint import Checkpointer, ShardedCheckpointer
 from ibot_engine.config import Config
-from ibot_engine.data.contract import BatchStream
-from ibot_engine.data.stream import build_data_stream
+from ibot_engine.data.augment import Augmenter
+from ibot_engine.data.stream import BatchStream, build_data_stream
 from ibot_engine.distributed import DistEnv
 from ibot_engine.model.attention import check_attention
 from ibot_engine.model.ibot import IBOT, apply_train_options
@@ -29,7 +29,7 @@ class Trainer:
     student: nn.Module  # model.student (sharded in place under FSDP2), or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    data: BatchStream  # engine/data/contract.py: an image folder / built-in data or WebDataset shards
+    data: BatchStream  # engine/data/stream.py: an image folder / built-in data or WebDataset shards
     checkpointer: Checkpointer
     total_steps: int
     step: int = 0  # its checkpoint state: engine/train/state.py
@@ -40,9 +40,11 @@ class Trainer:
         return self.data.steps_per_epoch // self.cfg.train.accum_steps
 
 
-def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None = None) -> Trainer:
+def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None = None, *,
+                  augmenter: Augmenter | None = None) -> Trainer:
     """`initial_state`: the model's starting weights (a full `IBOT` state dict, the same on every rank) in place of
-    the config's random draw, loaded before the strategy wraps the model; a checkpoint resumed later replaces it."""
+    the config's random draw, loaded before the strategy wraps the model; a checkpoint resumed later replaces it.
+    `augmenter`: the data stream's augmenter in place of the one `data.augment` names (`build_data_stream`)."""
     check_strategy(cfg, env)
     check_attention(cfg.model.attention, cfg.model.sdpa_backend, env.device)  # before the data and the model
     torch.manual_seed(cfg.train.seed)
@@ -50,7 +52,7 @@ def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | 
         torch.use_deterministic_algorithms(True)
     data = build_data_stream(
         cfg.data, cfg.mask, batch_size=cfg.train.batch_size, patch_size=cfg.model.patch_size, seed=cfg.train.seed,
-        rank=env.rank, world_size=env.world_size, device=env.device,
+        rank=env.rank, world_size=env.world_size, device=env.device, augmenter=augmenter,
     )
     if data.steps_per_epoch < cfg.train.accum_steps:
         raise ValueError(f"train.accum_steps={cfg.train.accum_steps} is more than the {data.steps_per_epoch} batches "

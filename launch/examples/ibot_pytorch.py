@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from ibot_engine.config import load_config
 from ibot_engine.configs import DEMO_CONFIG
 from ibot_engine.data.batch import MultiCropCollate
-from ibot_engine.data.dataloader import EpochKeySampler
-from ibot_engine.data.loader import MultiCropDataset, build_dataset
-from ibot_engine.data.transforms import MultiCropTransform
+from ibot_engine.data.cpu_aug import MultiCropTransform
+from ibot_engine.data.epoch_loader import EpochKeySampler
+from ibot_engine.data.sources import MultiCropDataset, build_dataset
 from ibot_engine.model.ibot import IBOT
 from ibot_engine.objective import ibot_loss, koleo_loss
 from ibot_engine.precision import autocast_dtype

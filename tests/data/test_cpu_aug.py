@@ -1,4 +1,4 @@
-"""The CPU multi-crop (engine/data/transforms.py) against the official recipe: each op against the official (PIL)
+"""The CPU multi-crop (engine/data/cpu_aug.py) against the official recipe: each op against the official (PIL)
 op on the same parameters, and the parameter law (engine/data/views.py) against the official laws.
 
 Tolerances are in uint8 levels (0..255), max and mean absolute difference over the image, measured on smooth
@@ -30,10 +30,11 @@ from torchvision import transforms as T1
 from torchvision.transforms import functional as F1
 from torchvision.transforms.v2 import functional as F2
 
-from ibot_benchmarks.official_aug import OfficialMultiCrop
+from ibot_engine.bench.official_aug import OfficialMultiCrop
 from ibot_engine.config import DataConfig
-from ibot_engine.data import transforms as C
+from ibot_engine.data import cpu_aug as C
 from ibot_engine.data import views as V
+from ibot_engine.data.normalise import normalise
 
 P_MIN = 1e-3  # a law is rejected below this p-value; every test has fixed seeds, so none is flaky
 
@@ -153,8 +154,8 @@ def test_views_are_close_to_the_official_transforms_on_average() -> None:
     stats_ours, stats_official = [], []
     for seed in range(150):
         views = ours(pil, seed)
-        stats_ours.append([C.normalise(torch.stack(views[:1])), C.normalise(torch.stack(views[1:2])),
-                           C.normalise(torch.stack(views[2:]))])
+        stats_ours.append([normalise(torch.stack(views[:1])), normalise(torch.stack(views[1:2])),
+                           normalise(torch.stack(views[2:]))])
         ref = official(pil, seed)
         stats_official.append([ref[0][None], ref[1][None], torch.stack(ref[2:])])
     for kind in range(3):
@@ -256,7 +257,7 @@ def test_without_opencv_the_engine_imports_and_says_what_to_install() -> None:
         "import sys; sys.modules['cv2'] = None\n"
         "import ibot_engine.data.stream, ibot_engine.data.augment\n"
         "from ibot_engine.config import DataConfig\n"
-        "from ibot_engine.data.transforms import MultiCropTransform\n"
+        "from ibot_engine.data.cpu_aug import MultiCropTransform\n"
         "import torch\n"
         "try:\n"
         "    MultiCropTransform(DataConfig())(torch.zeros((40, 40, 3), dtype=torch.uint8), 0)\n"

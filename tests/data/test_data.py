@@ -13,12 +13,12 @@ from PIL import Image
 
 from ibot_engine.config import DataConfig, MaskConfig
 from ibot_engine.data.batch import Batch
-from ibot_engine.data.contract import BatchStream, StreamPlace
+from ibot_engine.data.cpu_aug import MultiCropTransform
 from ibot_engine.data.folder import ImageFolderDataset
-from ibot_engine.data.loader import DataStream, EpochBatchSampler, build_dataset
 from ibot_engine.data.masking import generate_masks
-from ibot_engine.data.stream import build_data_stream
-from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, normalise
+from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD, normalise
+from ibot_engine.data.sources import DataStream, EpochBatchSampler, StreamPlace, build_dataset
+from ibot_engine.data.stream import BatchStream, build_data_stream
 
 PATCH = 8
 GLOBAL, LOCAL = 32, 16
@@ -380,7 +380,7 @@ def test_device_augmenter_prepares_one_batch_ahead_of_the_hand_over() -> None:
     """The schedule of `StreamBase` with a device augmenter: batch k + 1 is finished before batch k is handed over
     (on CUDA its work is queued on a side stream and runs during step k), and the position counts handed-over
     batches only."""
-    from ibot_engine.data.contract import StreamBase
+    from ibot_engine.data.sources import StreamBase
 
     events: list[str] = []
 

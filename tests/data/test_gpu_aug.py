@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ibot_engine.config import DataConfig
 from ibot_engine.data import gpu_aug as G
-from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD
 from ibot_engine.data.views import draw_view_params
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ibot_engine.checkpoint import Checkpointer, load_checkpoint
-from ibot_engine.data.dataloader import build_train_loader
+from ibot_engine.data.epoch_loader import build_train_loader
 from ibot_engine.data.stream import build_data_stream
 from ibot_engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics, tiny_config
@@ -55,8 +55,8 @@ def test_train_loader_rejects_a_dataset_smaller_than_a_global_batch():
 
 def test_importing_the_package_never_imports_lightning():
     code = (
-        "import pkgutil, importlib, sys, engine, kernels\n"
-        "for pkg in (engine, kernels):\n"
+        "import pkgutil, importlib, sys, ibot_engine, ibot_kernels\n"
+        "for pkg in (ibot_engine, ibot_kernels):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
         "        if m.name in ('ibot_engine.integrations.lightning', 'ibot_engine.__main__'):\n"
         "            continue\n"
@@ -66,7 +66,7 @@ def test_importing_the_package_never_imports_lightning():
         "            assert (err.name or '').split('.')[0] not in ('lightning', 'pytorch_lightning'), m.name\n"
         "bad = sorted({n.split('.')[0] for n in sys.modules} & {'lightning', 'pytorch_lightning'})\n"
         "assert not bad, bad\n"
-        "print('imported', sum(n.startswith('engine.') for n in sys.modules), 'engine modules')\n"
+        "print('imported', sum(n.startswith('ibot_engine.') for n in sys.modules), 'engine modules')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -20,8 +20,8 @@ import lightning as L
 from safetensors.torch import load_file
 
 import ibot_engine.integrations.lightning as engine_lightning
-from ibot_engine.health import NonFiniteLossError
 from ibot_engine.integrations.lightning import IBOTDataModule, IBOTLightningModule
+from ibot_engine.train.health import NonFiniteLossError
 from tests.helpers import TINY_OVERRIDES
 from tests.integrations.test_library import EXAMPLE_RUN, EXAMPLES, ROOT, _cfg, assert_same_state, child_env, run_ours
 

@@ -20,7 +20,7 @@ import ibot_engine.train.loop as train_module
 import ibot_engine.train.step as step_module
 from ibot_engine.checkpoint import Checkpointer, load_checkpoint
 from ibot_engine.data.synthetic import builtin_dataset
-from ibot_engine.health import NonFiniteLossError
+from ibot_engine.train.health import NonFiniteLossError
 from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 

@@ -1,2 +1,2 @@
-"""WebDataset shards: `write.py` (`ibot shards write`), `resolve.py` (what `data.shards` names), `stream.py` (the
-training stream that reads them)."""
+"""WebDataset shards: `write.py` (`ibot shards write`), `resolve.py` (what `data.shards` names), `source.py` (the
+training stream's source that reads them)."""

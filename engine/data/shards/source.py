@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.utils.data
 
 from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.augment import Augmenter
 from ibot_engine.data.batch import Batch, Sample, SampleKey, sample_seed
-from ibot_engine.data.contract import StreamBase, StreamPlace
 from ibot_engine.data.masking import seeded_rng
 from ibot_engine.data.shards.resolve import (
     IMAGE_KEYS,
@@ -49,6 +49,7 @@ from ibot_engine.data.shards.resolve import (
     key_hash,
     resolve_shards,
 )
+from ibot_engine.data.sources import StreamBase, StreamPlace
 from ibot_engine.distributed import is_distributed
 from ibot_engine.preempt import stop_signal_safe_workers
 
@@ -230,14 +231,15 @@ class ShardSamples(torch.utils.data.IterableDataset):
 
 class ShardStream(StreamBase):
     """Endless iterable of `Batch` for one rank from WebDataset shards: the shard source of the `BatchStream`
-    contract (contract.py).
+    contract (engine/data/stream.py).
 
     Attributes: num_samples (samples per epoch), steps_per_epoch, classes, epoch, batch (position of the next
     batch), state_dict() / load_state_dict().
     """
 
-    def __init__(self, shards: ShardSet, data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace) -> None:
-        super().__init__(data_cfg, mask_cfg, place)
+    def __init__(self, shards: ShardSet, data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace,
+                 augmenter: Augmenter | None = None) -> None:
+        super().__init__(data_cfg, mask_cfg, place, augmenter)
         self.shards = shards
         self.mode = data_cfg.shard_mode
         self.shuffle_buffer = data_cfg.shuffle_buffer
@@ -386,10 +388,12 @@ class ShardStream(StreamBase):
             self.cursors = [int(c) for c in state["cursors"][self.rank if len(state["cursors"]) > 1 else 0]]
 
 
-def build_shard_stream(data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace) -> ShardStream:
+def build_shard_stream(data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace,
+                       augmenter: Augmenter | None = None) -> ShardStream:
     """The `ShardStream` of `data.shards` for one rank; checks local shards before any training starts.
+    `augmenter`: None for the one `data.augment` names (see `StreamBase`).
 
     Raises:
         ValueError: the spec matches nothing, no local shard is readable, or the data is smaller than a batch.
     """
-    return ShardStream(check_local_shards(resolve_shards(data_cfg.shards)), data_cfg, mask_cfg, place)
+    return ShardStream(check_local_shards(resolve_shards(data_cfg.shards)), data_cfg, mask_cfg, place, augmenter)

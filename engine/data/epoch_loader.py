@@ -1,6 +1,6 @@
 """A standard per-epoch `torch.utils.data.DataLoader` of iBOT batches, for loops other than ours.
 
-Our own trainer reads an endless `DataStream` (loader.py). Other loops (a plain PyTorch `for epoch ...` loop, the
+Our own trainer reads an endless `DataStream` (sources.py). Other loops (a plain PyTorch `for epoch ...` loop, the
 Lightning `Trainer`) expect a finite DataLoader whose sampler is told the epoch through `set_epoch`. This module gives
 them one that yields *the same batches as `DataStream`*, batch for batch: the same sample order per epoch and rank,
 the same views and the same masks (both are seeded by the sample and the epoch, not by the loader).
@@ -21,8 +21,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ibot_engine.config import Config
 from ibot_engine.data.batch import MultiCropCollate, SampleKey
-from ibot_engine.data.loader import EpochBatchSampler, MultiCropDataset, build_dataset
-from ibot_engine.data.transforms import MultiCropTransform
+from ibot_engine.data.cpu_aug import MultiCropTransform
+from ibot_engine.data.sources import EpochBatchSampler, MultiCropDataset, build_dataset
 
 
 class EpochKeySampler(DistributedSampler):

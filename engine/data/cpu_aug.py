@@ -16,7 +16,7 @@ by torch's uint8 antialiased bicubic kernel (PIL's filter, AVX2; 0.66 / 0.14 ms)
 kernels on uint8 (brightness, contrast and solarize are 256-entry lookup tables, saturation a weighted sum with the
 grey image, hue a lookup on the H plane of OpenCV's 8-bit full-range HSV, grayscale `cvtColor`), the blur is a
 separable Gaussian (`cv2.sepFilter2D`, kernel to 3 sigma, edge pixels replicated as PIL does); views stay uint8
-until the collate, which converts the whole batch to normalised float32 at once (`normalise`). 3.3-3.9x the
+until the collate, which converts the whole batch to normalised float32 at once (`normalise.normalise`). 3.3-3.9x the
 official throughput per core, ~120 img/s per core on a 2-core VM
 (benchmarks/results/data_cpu_fastaug_cpu2core_202612.md). What remains, per image on one core: the crop resizes
 ~2.5 ms, decode 0.9 (shards) / 1.8 (folders, PIL), colour jitter ~2, the float conversion of the views ~1.4, the
@@ -33,7 +33,7 @@ Randomness: all draws are made by `views.view_param_rows` from a `torch.Generato
 changed.
 
 Shapes: a call returns G + L uint8 tensors [3, S, S] (S = global_size, then local_size), views of HWC arrays (not
-contiguous); `normalise` turns a stack of them into ImageNet-normalised float32.
+contiguous); `normalise.normalise` turns a stack of them into ImageNet-normalised float32.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.data
 from PIL import Image
 from torch import Tensor
 
@@ -69,8 +68,6 @@ try:
 except ImportError:  # a dependency (pyproject), but an image without it must still import the engine and run
     cv2 = None  # data.augment=gpu (the GPU device's image has no OpenCV); MultiCropTransform then says what to do
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SOLARIZE_THRESHOLD = 128
 
 _LEVELS = np.arange(256, dtype=np.float32)
@@ -201,7 +198,7 @@ class MultiCropTransform:
 
     `__call__(image, seed)` takes a PIL image (any mode) or an [H, W, 3] uint8 RGB tensor and returns the G + L views
     as uint8 [3, S, S] tensors; the same (image, seed) always gives the same views, and no global RNG is read or
-    changed. `normalise` (below) makes the float32 model inputs of a stack of views.
+    changed. `normalise.normalise` makes the float32 model inputs of a stack of views.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -220,17 +217,3 @@ class MultiCropTransform:
         return [torch.from_numpy(augment_view(pixels, row, size)).permute(2, 0, 1)
                 for row, size in zip(params, self.sizes)]
 
-
-def normalise(views: Tensor) -> Tensor:
-    """uint8 views [N, 3, H, W] (any strides) -> float32 (x / 255 - mean) / std, ImageNet statistics, contiguous.
-
-    In a dataloader worker the result is made in shared memory, where the batch travels to the training process:
-    otherwise the queue copies it there once more (~2.3 MB per image at 2 x 224 + 10 x 96), as torch's
-    `default_collate` also avoids."""
-    out = torch.empty(0)
-    if torch.utils.data.get_worker_info() is not None:
-        out = out.set_(out.untyped_storage()._new_shared(views.numel() * out.element_size()))
-    out = out.resize_(views.shape).copy_(views)
-    scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
-    return out.mul_(scale).add_(shift)

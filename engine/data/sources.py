@@ -1,15 +1,20 @@
-"""The training data stream of an image folder or a built-in dataset: epoch sampler -> dataset -> the augmenter's
-views and masking collate (augment.py) -> `Batch` (batch.py), forever, resumable.
+"""The sources of the training stream, and what every source shares.
 
-`DataStream` is the folder / built-in source of the `BatchStream` contract (contract.py); `build_data_stream`
-(stream.py) builds it, or the WebDataset source for `data.shards`.
+A stream (stream.py) is a **source** (which samples, in which order, read where) plus an **augmenter**
+(augment.py: how a sample becomes its views, in the workers and then on the device). This module holds
+* `StreamPlace` and `StreamBase`, what both sources share: the rank's place, the augmenter, the position, and the
+  loop that hands batches over, finishing each on the device while the caller trains on the previous one when the
+  augmenter works there;
+* the source of an image folder or built-in data, `DataStream`: epoch sampler -> dataset -> the augmenter's views
+  and masking collate -> `Batch` (batch.py), forever, resumable. The source of WebDataset shards is
+  `shards.source.ShardStream`.
 
-Order and seeding, all pure functions of the run seed so that a resumed run is bit-identical on CPU:
+Order and seeding of `DataStream`, all pure functions of the run seed so that a resumed run is bit-identical on CPU:
 * Epoch e uses a permutation of the dataset seeded by (seed, e). Global batch b of the epoch is
   perm[b*GB : (b+1)*GB] with GB = B * world_size; rank r takes the contiguous slice [r*B : (r+1)*B]. The tail
   that does not fill a global batch is dropped, so every rank has the same B (collectives and the loss's batch
   statistics need equal batches) and the same global batch is made of the same samples whatever the world size.
-* The views of a sample come from a generator seeded by (seed, e, sample index) (transforms.py), and official
+* The views of a sample come from a generator seeded by (seed, e, sample index) (views.py), and official
   masks by (seed, e, sample index, view) (masking.py), so neither depends on workers, ranks or batch position.
   DINOv2 masks are drawn per (seed, e, global batch index, rank).
 * Workers are told which (epoch, batch, index) to produce through the sampler, so they hold no epoch state and
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,14 +36,111 @@ import torch.utils.data
 from PIL import Image
 
 from ibot_engine.config import DataConfig, MaskConfig
+from ibot_engine.data.augment import Augmenter, build_augmenter
 from ibot_engine.data.batch import Batch, Sample, SampleKey, sample_seed
-from ibot_engine.data.contract import StreamBase, StreamPlace
 from ibot_engine.data.folder import ImageFolderDataset
 from ibot_engine.data.masking import seeded_rng
 from ibot_engine.data.synthetic import builtin_dataset
 from ibot_engine.preempt import stop_signal_safe_workers
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamPlace:
+    """Where a stream's batches go: B images per rank, the patch grid, the run seed, this rank, its device."""
+
+    batch_size: int
+    patch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None  # default: CUDA when available
+
+
+class StreamBase:
+    """What both sources share. Subclasses set `steps_per_epoch` / `num_samples` and implement `_next_raw` (the
+    next collated batch from the workers, with a token `_advance` needs) and `_advance` (move the position past
+    a batch handed over).
+
+    The augmenter is the one `data.augment` names, or `augmenter` when given (e.g. a benchmark's other transforms);
+    its collate draws the masks, so it must be made for this place's patch grid, seed and rank.
+    """
+
+    steps_per_epoch: int
+    num_samples: int
+
+    def __init__(self, data_cfg: DataConfig, mask_cfg: MaskConfig, place: StreamPlace,
+                 augmenter: Augmenter | None = None) -> None:
+        if place.seed < 0:
+            raise ValueError(f"train.seed must be >= 0 for the data stream, got {place.seed}")
+        assert 0 <= place.rank < place.world_size
+        self.batch_size = place.batch_size
+        self.seed = place.seed
+        self.rank = place.rank
+        self.world_size = place.world_size
+        self.num_workers = data_cfg.num_workers
+        self.device = place.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.pin_memory = self.device.type == "cuda"
+        if augmenter is None:
+            grid = (data_cfg.global_size // place.patch_size, data_cfg.global_size // place.patch_size)
+            augmenter = build_augmenter(data_cfg, mask_cfg, grid=grid, seed=place.seed, rank=place.rank,
+                                        device=self.device)
+        self.augmenter: Augmenter = augmenter
+        self.epoch = 0
+        self.batch = 0
+        self._batches: Iterator[Any] | None = None
+
+    def _next_raw(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _advance(self, batch: Batch, token: Any) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.augmenter.on_device:
+            while True:
+                batch, token = self._next_raw()
+                self._advance(batch, token)
+                yield batch
+        # Device augmenter: batch k+1's decode and crops are queued (on a side stream on CUDA) before batch k is
+        # handed over, so they run while the caller's step k runs. The side stream does not wait for the main one:
+        # it reads only pinned host memory, and the tensors it makes are recorded on the main stream at hand-over,
+        # so the allocator reuses their memory only after the step that reads them. The position moves only when
+        # a batch is handed over, so the batch prepared ahead is not counted as consumed.
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pending: tuple[Batch, Any, Any] | None = None
+        while True:
+            raw, token = self._next_raw()
+            if side is not None:
+                with torch.cuda.stream(side):
+                    batch = self.augmenter.finish(raw)
+                    event = torch.cuda.Event()
+                    event.record(side)
+            else:
+                batch, event = self.augmenter.finish(raw), None
+            if pending is not None:
+                yield self._hand_over(*pending)
+            pending = (batch, event, token)
+
+    def _hand_over(self, batch: Batch, event: Any, token: Any) -> Batch:
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)  # device-side wait, no host sync
+            batch._map(lambda t: t.record_stream(current) or t)
+        self._advance(batch, token)
+        return batch
+
+    def close(self) -> None:
+        """Stop the dataloader workers now (they also stop when the stream is garbage-collected)."""
+        batches, self._batches = self._batches, None
+        # The DataLoader's multiprocessing iterator has no public way to stop its workers: it does so in `__del__`,
+        # which runs only once every reference (a generator frame, a traceback) is gone. A stream that starts the
+        # next epoch's workers right after this needs the old ones gone now, not at some later collection.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
 
 # Domain tag of the epoch permutation (batch.py and masking.py have their own): keys with equal numbers in different
 # roles, e.g. (seed, epoch) of a permutation and of a sample's views, still give unrelated streams.
@@ -118,7 +221,7 @@ def build_dataset(data_cfg: DataConfig) -> torch.utils.data.Dataset:
 
 class DataStream(StreamBase):
     """Endless iterable of `Batch` for one rank of an image folder or built-in data, resumable at batch granularity
-    (a `BatchStream`, contract.py).
+    (a `BatchStream`, stream.py).
 
     Attributes:
         dataset: the image source (with `.classes` when labelled).
@@ -128,8 +231,8 @@ class DataStream(StreamBase):
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, data_cfg: DataConfig, mask_cfg: MaskConfig,
-                 place: StreamPlace) -> None:
-        super().__init__(data_cfg, mask_cfg, place)
+                 place: StreamPlace, augmenter: Augmenter | None = None) -> None:
+        super().__init__(data_cfg, mask_cfg, place, augmenter)
         self.dataset = dataset
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         global_batch = place.batch_size * place.world_size

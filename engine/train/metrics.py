@@ -1,22 +1,31 @@
-"""Rank-aware logging and the metrics file.
+"""Where the loop's metrics go: the console log, `<run>/metrics.jsonl`, the progress bar and TensorBoard.
 
 `setup_logging(rank)` configures the root logger once (INFO on rank 0, WARNING elsewhere, rank and elapsed time in
-the prefix). `MetricLogger` appends one JSON object per logged step to `<run>/metrics.jsonl` and shows a progress
-display on a terminal (plain log lines otherwise).
+the prefix). `MetricLogger` (rank 0) appends one JSON object per logged step to `<run>/metrics.jsonl`, shows a
+progress display on a terminal (plain log lines otherwise) and, with `run.tensorboard=true`, writes the record's
+numbers as TensorBoard scalars to `<run>/tensorboard`.
+
+TensorBoard is an optional dependency (`pip install 'ibot-engine[tensorboard]'`). Without it the run goes on with
+metrics.jsonl only, after one warning per process. Every numeric field of a record becomes a scalar at its step:
+`knn_top1` / `knn_top5` under `eval/`, the training-health metrics (health.py) under `health/`, the rest under
+`train/`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ibot_engine.tensorboard import open_writer, write_record
+from ibot_engine.train.health import HEALTH_KEYS
 
+log = logging.getLogger(__name__)
 _START = time.time()
+_warned_missing = False
 
 
 class _Formatter(logging.Formatter):
@@ -32,6 +41,7 @@ class _Formatter(logging.Formatter):
 
 
 def setup_logging(rank: int = 0) -> None:
+    """Route the root logger to stdout with the rank and elapsed time in each line; replaces an earlier call's."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_ibot", False):
@@ -44,14 +54,39 @@ def setup_logging(rank: int = 0) -> None:
 
 
 def format_eta(seconds: float) -> str:
+    """`seconds` as H:MM:SS (negative counts as zero)."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def open_writer(run_dir: str | Path) -> Any | None:
+    """A `SummaryWriter` on `<run_dir>/tensorboard`, or None (with a one-time warning) without tensorboard."""
+    global _warned_missing
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _warned_missing:
+            _warned_missing = True
+            log.warning("run.tensorboard=true but the tensorboard package is not installed; metrics go to "
+                        "metrics.jsonl only (pip install 'ibot-engine[tensorboard]' to get TensorBoard logs)")
+        return None
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+
+def write_record(writer: Any, record: dict[str, Any]) -> None:
+    """Every finite number of `record` (but `step`) as a scalar at `record["step"]`."""
+    step = int(record["step"])
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        group = "eval" if key.startswith("knn_") else "health" if key in HEALTH_KEYS else "train"
+        writer.add_scalar(f"{group}/{key}", value, step)
+
+
 class MetricLogger:
-    """metrics.jsonl writer + terminal progress (rank 0 only)."""
+    """metrics.jsonl writer + terminal progress (+ TensorBoard scalars) (rank 0 only)."""
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0,
                  tensorboard: bool = False) -> None:

@@ -54,7 +54,7 @@ HEALTH_KEYS = (
 )
 
 # Uniform: mean row entropy above 99.9% of ln K, i.e. the targets are uniform to three decimals and the term has
-# nothing left to teach. Calibrated on 300-step digits runs (README "Learning on real data"): runs whose features
+# nothing left to teach. Calibrated on 300-step digits runs (docs/learning.md): runs whose features
 # unlearned had both targets there (e.g. no LayerScale at 32 px: cls and patch at 0.9999-1.0000, k-NN 65.8 -> 54.7%);
 # the 64 px runs that learn, lightly's example and ours, have cls targets at 0.9995-0.9999 but patch targets at
 # 0.87-0.96; the 32 px demo recipe keeps cls at 0.97-0.998. A short run's targets stay near uniform even when it
@@ -208,8 +208,8 @@ class CollapseDetector:
                 continue  # still spreading out over the last `patience` steps: leaving the start (STD_GROWTH)
             if self.streaks[kind] >= self.patience and kind not in self.fired_kinds:
                 message = (f"[{kind}] training collapse at step {step}: {why}, for {self.streaks[kind]} logging "
-                           "steps in a row. The features are not learning; see README 'Training health' for the usual "
-                           "causes.")
+                           "steps in a row. The features are not learning; see docs/learning.md, 'Training health', "
+                           "for the usual causes.")
                 self.fired_kinds.add(kind)
                 self.fired.append(message)
                 new.append(message)

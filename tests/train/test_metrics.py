@@ -1,4 +1,5 @@
-"""TensorBoard scalars next to metrics.jsonl (`run.tensorboard=true`), and the message when the package is absent."""
+"""The metrics module (engine/train/metrics.py): TensorBoard scalars next to metrics.jsonl (`run.tensorboard=true`),
+and the message when the package is absent."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-import ibot_engine.tensorboard as tb
+import ibot_engine.train.metrics as metrics
 from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 
@@ -36,10 +37,10 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
 
 def test_missing_tensorboard_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
-    monkeypatch.setattr(tb, "_warned_missing", False)
-    with caplog.at_level(logging.WARNING, logger="ibot_engine.tensorboard"):
-        assert tb.open_writer(tmp_path) is None
-        assert tb.open_writer(tmp_path) is None
+    monkeypatch.setattr(metrics, "_warned_missing", False)
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.train.metrics"):
+        assert metrics.open_writer(tmp_path) is None
+        assert metrics.open_writer(tmp_path) is None
         train(tiny_config(f"run.dir={tmp_path}", "train.steps=1", "run.tensorboard=true"))
     warnings = [r for r in caplog.records if "tensorboard package is not installed" in r.getMessage()]
     assert len(warnings) == 1

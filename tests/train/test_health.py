@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ibot_engine.model.ibot as ibot_module
-from ibot_engine.health import HEALTH_KEYS, CollapseDetector, TrainingCollapsedError, health_metrics
 from ibot_engine.tools.plot import plot_health_run
+from ibot_engine.train.health import HEALTH_KEYS, CollapseDetector, TrainingCollapsedError, health_metrics
 from ibot_engine.train.loop import train
 from tests.helpers import read_metrics, tiny_config
 
@@ -79,7 +79,7 @@ def _healthy() -> dict[str, float]:
 def test_detector_fires_once_per_kind_after_patience_and_forgets_interrupted_streaks(caplog):
     detector = CollapseDetector(embed_dim=64, patience=3)
     uniform = {**_healthy(), "teacher_cls_entropy_frac": 0.9995, "teacher_patch_entropy_frac": 0.9999}
-    with caplog.at_level(logging.WARNING, logger="ibot_engine.health"):
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.train.health"):
         assert detector.update(10, uniform) == [] and detector.update(20, uniform) == []
         assert detector.update(30, _healthy()) == []  # the streak is broken
         assert detector.update(40, uniform) == [] and detector.update(50, uniform) == []
@@ -104,7 +104,7 @@ def test_uniform_cls_targets_alone_are_a_note_not_a_collapse(caplog):
     one note; with the patch term off, or no masked token (NaN), or uniform patch targets too, a collapse."""
     cls_only = {**_healthy(), "teacher_cls_entropy_frac": 0.9999, "teacher_patch_entropy_frac": 0.9}
     detector = CollapseDetector(embed_dim=64, patience=2)
-    with caplog.at_level(logging.INFO, logger="ibot_engine.health"):
+    with caplog.at_level(logging.INFO, logger="ibot_engine.train.health"):
         assert all(detector.update(step, cls_only) == [] for step in range(6))
     notes = [r.getMessage() for r in caplog.records if "note at step 1" in r.getMessage()]
     assert len(notes) == 1 and "teacher_patch_entropy_frac=0.9000" in notes[0] and detector.fired == []
@@ -168,7 +168,7 @@ def _constant_teacher(monkeypatch):
 
 def test_a_forced_collapse_is_reported_in_the_log_and_metrics(tmp_path, monkeypatch, caplog):
     _constant_teacher(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="ibot_engine.health"):
+    with caplog.at_level(logging.WARNING, logger="ibot_engine.train.health"):
         last = train(tiny_config(f"run.dir={tmp_path}", "train.steps=5"))
     kinds = sorted(m.split("]")[0].strip("[") for m in last["collapse"])
     assert kinds == ["teacher_cls_std", "uniform"]
