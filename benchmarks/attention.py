@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ibot_benchmarks.common import bench, environment, markdown_table, report_header, save_report
+from ibot_benchmarks.common import bench
+from ibot_engine.bench.report import command_line, environment, header_lines, markdown_table, save_report
 from ibot_engine.model.attention import ATTENTION_BACKENDS, SDPA_BACKENDS, attend, check_attention, make_packing
 from ibot_engine.model.vit import ARCHS, VisionTransformer
 
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     archs = ["vit_tiny"] if args.quick else args.archs.split(",")
     B, gpx, lpx, patch, L = _crops(args.quick)
-    env = environment(args.device, "ibot_benchmarks.attention")
-    parts = report_header("Attention backends", env)
+    env = environment(args.device, command_line("python -m ibot_benchmarks.attention", argv))
+    parts = header_lines("Attention backends", env)
     parts += [f"- crops per image: 2 x {gpx} px + {L} x {lpx} px, patch {patch}, B = {B}, {str(dtype)[6:]}", ""]
     op = [row for arch in archs for row in op_rows(arch, args.device, dtype, args.quick)]
     parts += ["## Attention op, fwd+bwd (ms, median and p20-p80)", ""]

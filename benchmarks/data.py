@@ -7,10 +7,10 @@ full iBOT augmentation, masks from the collate, and the host-to-device copy (`Ba
 stops after a device synchronisation, so queued GPU work is counted. Batches come from the endless stream (shards:
 resampled); the first `--warmup` batches (worker start-up) are not timed.
 
-* official (`--paths official`): the official iBOT transforms (benchmarks/official_aug.py: torchvision.transforms
-  v1 on PIL, PIL decode, ToTensor + Normalize per view), swapped into our stream as its augmenter, so everything
+* official (`--paths official`): the official iBOT transforms (engine/bench/official_aug.py: torchvision.transforms
+  v1 on PIL, PIL decode, ToTensor + Normalize per view), passed to our stream as its augmenter, so everything
   else (reading, collate, masks) is the same code as ours.
-* cpu (`data.augment=cpu`): engine/data/transforms.py, uint8 views normalised by the collate.
+* cpu (`data.augment=cpu`): engine/data/cpu_aug.py, uint8 views normalised by the collate.
 * gpu (`data.augment=gpu`): workers read and check the JPEGs and draw the view parameters; the training process
   decodes the batch (`decode_jpeg` on a list: nvJPEG on CUDA) and crops / augments it with batched torch ops, on a
   side stream. Without a GPU the same torch ops run on the CPU: such rows are labelled "ops on cpu" and say nothing
@@ -24,9 +24,10 @@ shared machine other processes take turns on the same cores, so each row also gi
 over the CPU time (user + system, from /proc) that the training process and its workers used in the timed window,
 which the neighbours' load leaves alone (mostly: they still share caches and memory bandwidth).
 
-The data wait (`--train-workers`, on shards): `ibot bench --data` on `--train-config` (default: the ViT-S/16 recipe
-made ViT-tiny, fp32, so that a CPU step takes seconds, not a minute) times `next(batch)` + `.to(device)` in the
-real training loop apart from the step; "data wait" is its share of the wall time. With 0 workers the data work
+The data wait (`--train-workers`, on shards): the harness of `ibot bench --data` (the real trainer and training step)
+on `--train-config` (default: the ViT-S/16 recipe made ViT-tiny, fp32, so that a CPU step takes seconds, not a
+minute), its stream given the path's augmenter, times `next(batch)` + `.to(device)` apart from the step; "data
+wait" is its share of the wall time. With 0 workers the data work
 runs between steps in the training process; with workers it overlaps the step, but on a small machine the workers
 and the step share the cores.
 
@@ -42,29 +43,41 @@ unless --shards is given; the image folder is the shards' JPEGs extracted next t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
-import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from ibot_benchmarks.common import RESULTS_DIR, device_name, device_slug, git_sha, markdown_table
-from ibot_engine.config import DataConfig, MaskConfig
-from ibot_engine.data import contract, transforms
+from ibot_benchmarks.common import repo_file
+from ibot_engine.bench.harness import StepHarness, bench_harness
+from ibot_engine.bench.official_aug import OfficialAugmenter
+from ibot_engine.bench.report import (
+    command_line,
+    device_name,
+    device_slug,
+    environment,
+    header_lines,
+    markdown_table,
+    results_dir,
+)
+from ibot_engine.config import DataConfig, MaskConfig, load_config
+from ibot_engine.data import cpu_aug
+from ibot_engine.data.batch import MultiCropCollate
 from ibot_engine.data.folder import IMAGE_EXTENSIONS
 from ibot_engine.data.shards.resolve import MANIFEST
 from ibot_engine.data.stream import build_data_stream
+from ibot_engine.distributed import init_distributed, teardown
+from ibot_engine.precision import autocast_dtype
+from ibot_engine.train.trainer import build_trainer
 
 VIT_S16_TARGET = 1850.0  # img/s of one H100 for a ViT-S/16 step (the project's goal)
-TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "vit_s16.yaml"
+TRAIN_CONFIG = "launch/configs/vit_s16.yaml"  # the data-wait runs' config (`repo_file`)
 TRAIN_OVERRIDES = ("model.arch=vit_tiny", "model.out_dim=1024", "precision=fp32", "train.batch_size=16")
 LABELS = {"official": "official (PIL + transforms v1)", "cpu": "ours (data.augment=cpu)"}
 
@@ -79,26 +92,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@contextlib.contextmanager
-def augmenter_for(path: str) -> Iterator[None]:
-    """Streams built inside use the official transforms when `path` is "official" (data.augment=cpu otherwise):
-    the one place streams get their augmenter, `contract.build_augmenter`, is swapped for the duration. Workers
-    started inside (forked) inherit the swap."""
+def augmenter_for(path: str, data_cfg: DataConfig, mask_cfg: MaskConfig, *, patch_size: int, seed: int,
+                  rank: int = 0) -> OfficialAugmenter | None:
+    """The augmenter a stream gets for `path`: the official transforms for "official", with the masking collate the
+    stream's own augmenter would have (same patch grid, seed and rank, so the same masks); None (the one
+    `data.augment` names) otherwise."""
     if path != "official":
-        yield
-        return
-    from ibot_benchmarks.official_aug import OfficialAugmenter
-
-    build = contract.build_augmenter
-
-    def official(data_cfg: DataConfig, mask_cfg: MaskConfig, **kwargs: object) -> OfficialAugmenter:
-        return OfficialAugmenter(data_cfg, build(data_cfg, mask_cfg, **kwargs).collate_samples)
-
-    contract.build_augmenter = official  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        contract.build_augmenter = build
+        return None
+    grid = (data_cfg.global_size // patch_size, data_cfg.global_size // patch_size)
+    collate = MultiCropCollate(mask_cfg, num_global=data_cfg.num_global, local_size=data_cfg.local_size, grid=grid,
+                               seed=seed, rank=rank)
+    return OfficialAugmenter(data_cfg, collate)
 
 
 def cpu_seconds(stream: object) -> float:
@@ -127,27 +131,28 @@ def measure(source: str, data: str, path: str, workers: int, args: argparse.Name
         **source_fields(source, data, args), global_size=args.global_size, local_size=args.local_size,
         num_local=args.num_local, num_workers=workers, augment="gpu" if path == "gpu" else "cpu", decode=args.decode,
     )
-    with augmenter_for(path):
-        stream = build_data_stream(cfg, MaskConfig(), batch_size=args.batch_size, patch_size=args.patch_size,
-                                   seed=0, device=device)
-        batches = iter(stream)
+    mask_cfg = MaskConfig()
+    augmenter = augmenter_for(path, cfg, mask_cfg, patch_size=args.patch_size, seed=0)
+    stream = build_data_stream(cfg, mask_cfg, batch_size=args.batch_size, patch_size=args.patch_size, seed=0,
+                               device=device, augmenter=augmenter)
+    batches = iter(stream)
 
-        def one() -> None:
-            batch = next(batches).to(device)
-            assert batch.global_crops.shape[0] == cfg.num_global * args.batch_size
-            assert batch.global_crops.dtype == torch.float32
+    def one() -> None:
+        batch = next(batches).to(device)
+        assert batch.global_crops.shape[0] == cfg.num_global * args.batch_size
+        assert batch.global_crops.dtype == torch.float32
 
-        for _ in range(args.warmup):
-            one()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start, cpu_start = time.perf_counter(), cpu_seconds(stream)
-        for _ in range(args.batches):
-            one()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds, cpu = time.perf_counter() - start, cpu_seconds(stream) - cpu_start
-        stream.close()  # stop the workers before the next configuration starts its own
+    for _ in range(args.warmup):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, cpu_start = time.perf_counter(), cpu_seconds(stream)
+    for _ in range(args.batches):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds(stream) - cpu_start
+    stream.close()  # stop the workers before the next configuration starts its own
     images = args.batches * args.batch_size
     rate = images / seconds
     return {"source": source, "path": path, "workers": workers, "img_per_s": rate,
@@ -156,21 +161,27 @@ def measure(source: str, data: str, path: str, workers: int, args: argparse.Name
 
 
 def train_data_wait(shards: str, path: str, workers: int, args: argparse.Namespace) -> dict:
-    """`ibot bench --data` on the shards with `path`'s transforms: step ms, img/s and the data-wait share."""
-    from ibot_engine.cli import main as ibot
-
-    with tempfile.TemporaryDirectory(prefix="ibot-data-wait-") as tmp, augmenter_for(path):
-        out = Path(tmp) / "bench.md"
+    """The training step's data wait on the shards with `path`'s transforms, timed by the harness of
+    `ibot bench --data` (the real trainer and step; one process): step ms, img/s and the data-wait share."""
+    with tempfile.TemporaryDirectory(prefix="ibot-data-wait-") as tmp:
         overrides = [*args.train_overrides.split(), f"data.shards={shards}", f"data.num_workers={workers}",
                      f"data.global_size={args.global_size}", f"data.local_size={args.local_size}",
                      f"data.num_local={args.num_local}", f"model.img_size={args.global_size}",
                      f"model.patch_size={args.patch_size}", f"run.dir={tmp}/run"]
-        code = ibot(["bench", "--config", args.train_config, *overrides, "--data", "--steps", str(args.train_steps),
-                     "--warmup", "1", "--out", str(out)])
-        assert code == 0, f"ibot bench exited with {code}"
-        row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
-    return {"path": path, "workers": workers, "step_ms": row["step_ms_median"], "img_per_s": row["img_per_s"],
-            "data_wait": row["data_wait_share"]}
+        preset = args.train_config if Path(args.train_config).is_file() else repo_file(args.train_config)
+        cfg = load_config(preset, overrides)
+        env = init_distributed()
+        try:
+            augmenter = augmenter_for(path, cfg.data, cfg.mask, patch_size=cfg.model.patch_size, seed=cfg.train.seed,
+                                      rank=env.rank)
+            trainer = build_trainer(cfg, env, augmenter=augmenter)
+            harness = StepHarness(cfg, env, trainer, autocast_dtype(cfg.precision, env.device), batches=None)
+            row = bench_harness(harness, steps=args.train_steps, warmup=1, peak=None)
+            trainer.data.close()
+        finally:
+            teardown()
+    return {"path": path, "workers": workers, "step_ms": row.step_ms_median, "img_per_s": row.img_per_s,
+            "data_wait": row.data_wait_share}
 
 
 def folder_of(shards: str) -> str:
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--shards", help="shard folder / pattern (default: realistic shards made under --cache)")
     parser.add_argument("--folder", help="image folder of the same images (default: the shards' JPEGs extracted "
                                          "to <shards>_folder)")
-    parser.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache" / "data_shards"))
+    parser.add_argument("--cache", default=str(Path("benchmarks") / ".cache" / "data_shards"))
     parser.add_argument("--images", type=int, default=2000, help="images to make when the cache is empty")
     parser.add_argument("--sources", default="shards,folder", help="comma list of shards, folder")
     parser.add_argument("--paths", default="official,cpu,gpu", help="comma list of official, cpu, gpu")
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--shuffle-buffer", type=int, default=100)
     parser.add_argument("--train-workers", default="0,1", help="data-wait runs: comma list of data.num_workers "
                                                                "(empty: none)")
-    parser.add_argument("--train-config", default=str(TRAIN_CONFIG), help="data-wait runs: the config")
+    parser.add_argument("--train-config", default=TRAIN_CONFIG, help="data-wait runs: the config")
     parser.add_argument("--train-overrides", default=" ".join(TRAIN_OVERRIDES), help="data-wait runs: overrides")
     parser.add_argument("--train-steps", type=int, default=3, help="data-wait runs: timed steps (after 1 warm-up)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> Path:
     data = {"shards": shards, "folder": args.folder or (folder_of(shards) if "folder" in sources else "")}
     paths = [p for p in args.paths.split(",") if p]
     notes = []
-    if "cpu" in paths and transforms.cv2 is None:  # e.g. the GPU device's image (prepare_gpu_carry.sh)
+    if "cpu" in paths and cpu_aug.cv2 is None:  # e.g. the GPU device's image (prepare_gpu_carry.sh)
         paths.remove("cpu")
         notes.append("OpenCV is not installed here: no rows for data.augment=cpu (pip install "
                      "opencv-python-headless).")
@@ -298,35 +309,33 @@ def main(argv: list[str] | None = None) -> Path:
 
     slug = device_slug(device.type) if device.type == "cuda" else f"cpu{cores}core"
     now = datetime.datetime.now(datetime.UTC)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"data_{slug}_{now:%Y%m}.md"
+    out = Path(args.out) if args.out else results_dir() / f"data_{slug}_{now:%Y%m}.md"
     import cv2
     import PIL
     import torchvision
     import webdataset
 
-    env = [
-        ("date", now.strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", f"{cpu_model()}, {cores} CPUs visible" + (f", {device_name('cuda')}" if device.type == "cuda"
-                                                              else ", no GPU")),
-        ("versions", f"torch {torch.__version__}, torchvision {torchvision.__version__}, OpenCV {cv2.__version__}, "
-                     f"Pillow {PIL.__version__}, webdataset {webdataset.__version__}, Python "
-                     f"{platform.python_version()}"),
-        ("load average (1 min)", f"{load_before:.2f} before, {load_after:.2f} after the runs "
-                                 "(other processes on the machine share its CPUs)"),
-        ("git", git_sha()),
-        ("command", " ".join(["python -m ibot_benchmarks.data", *(argv if argv is not None else sys.argv[1:])])),
-        ("data", data_description(shards) + (f"; image folder {data['folder']}: the same JPEGs"
-                                             if "folder" in sources else "")),
-        ("per image", f"2 x {args.global_size} + {args.num_local} x {args.local_size} crops, full iBOT "
-                      f"augmentation, official masks (patch {args.patch_size}), batch {args.batch_size}, "
-                      f"{args.batches} timed batches after {args.warmup} warm-up, best of {args.repeats} "
-                      "interleaved repeats per row"),
-        ("per core", "img/s / max(1, workers): a worker per core; with 0 workers the training process does all "
-                     "the data work in one thread (torch and OpenCV set to 1 thread)"),
-        ("per CPU-second", "images / CPU seconds (user + system) of the training process and its dataloader "
-                           "workers over the timed batches: the cost per core, whatever else the shared cores run"),
-    ]
-    sections = ["# Data pipeline throughput", "", *[f"- {k}: {v}" for k, v in env], "",
+    env = environment(device, command_line("python -m ibot_benchmarks.data", argv))
+    env.update({
+        "machine": f"{cpu_model()}, {cores} CPUs visible" + (f", {device_name('cuda')}" if device.type == "cuda"
+                                                             else ", no GPU"),
+        "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, OpenCV {cv2.__version__}, "
+                    f"Pillow {PIL.__version__}, webdataset {webdataset.__version__}, Python "
+                    f"{platform.python_version()}",
+        "load average (1 min)": f"{load_before:.2f} before, {load_after:.2f} after the runs "
+                                "(other processes on the machine share its CPUs)",
+        "data": data_description(shards) + (f"; image folder {data['folder']}: the same JPEGs"
+                                            if "folder" in sources else ""),
+        "per image": f"2 x {args.global_size} + {args.num_local} x {args.local_size} crops, full iBOT "
+                     f"augmentation, official masks (patch {args.patch_size}), batch {args.batch_size}, "
+                     f"{args.batches} timed batches after {args.warmup} warm-up, best of {args.repeats} "
+                     "interleaved repeats per row",
+        "per core": "img/s / max(1, workers): a worker per core; with 0 workers the training process does all "
+                    "the data work in one thread (torch and OpenCV set to 1 thread)",
+        "per CPU-second": "images / CPU seconds (user + system) of the training process and its dataloader "
+                          "workers over the timed batches: the cost per core, whatever else the shared cores run",
+    })
+    sections = [*header_lines("Data pipeline throughput", env), "",
                 markdown_table(["source", "path", "workers", "img/s", "img/s per core", "img per CPU-s", "ms / batch",
                                 "cores for 1,850 img/s"], rows), ""]
     if ratio_rows:

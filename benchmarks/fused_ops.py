@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ibot_benchmarks.common import bench, environment, markdown_table, report_header, save_report
+from ibot_benchmarks.common import bench
 from ibot_engine.accel import fused_adam, nvidia_apex
+from ibot_engine.bench.report import command_line, environment, header_lines, markdown_table, save_report
 from ibot_engine.config import load_config
 from ibot_engine.model.ibot import IBOTNetwork
 from ibot_engine.train.optim import apply_hyperparams, build_optimizer, param_groups
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     archs = ["vit_tiny"] if args.quick else ["vit_small", "vit_base"]
     rows = [r for arch in archs for r in optimizer_rows(arch, args.device, args.quick)]
     rows += [r for arch in archs for r in layernorm_rows(arch, args.device, args.quick)]
-    env = environment(args.device, "ibot_benchmarks.fused_ops")
-    parts = report_header("Fused AdamW and LayerNorm, torch vs apex", env)
+    env = environment(args.device, command_line("python -m ibot_benchmarks.fused_ops", argv))
+    parts = header_lines("Fused AdamW and LayerNorm, torch vs apex", env)
     apex_state = "installed" if nvidia_apex() is not None else "not installed (torch rows only)"
     parts += [f"- NVIDIA apex: {apex_state}", ""]
     parts += [markdown_table(["case", "implementation", "median ms"], [[c, n, f"{ms:.3f}"] for c, n, ms in rows]), ""]

@@ -30,16 +30,8 @@ from pathlib import Path
 
 import torch
 
-from ibot_benchmarks.common import (
-    Timing,
-    bench,
-    copy_bandwidth,
-    environment,
-    markdown_table,
-    peak_extra_memory,
-    report_header,
-    save_report,
-)
+from ibot_benchmarks.common import Timing, bench, copy_bandwidth, peak_extra_memory
+from ibot_engine.bench.report import command_line, environment, header_lines, markdown_table, save_report
 from ibot_kernels.dispatch import optional_module
 from ibot_kernels.ema.reference import ema_update_ as ema_reference_
 from ibot_kernels.ibot_ce.reference import centered_softmax_cross_entropy as ce_reference
@@ -261,7 +253,7 @@ def render(rows: list[Row], env: dict[str, str], bandwidth_gbs: float, device: s
                 "-" if r.host_ms is None else f"{r.host_ms:.4f}",
             ]
         )
-    parts = report_header("Kernel benchmarks", env)
+    parts = header_lines("Kernel benchmarks", env)
     parts += [f"- measured copy bandwidth (read + write): {bandwidth_gbs:.0f} GB/s", ""]
     parts += [markdown_table(header, table), ""]
     if device == "cuda":
@@ -312,7 +304,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         rows += run_ce(args.device, args.quick, providers)
     if "ema" in kernels:
         rows += run_ema(args.device, args.quick, providers)
-    report = render(rows, environment(args.device), bandwidth, args.device)
+    env = environment(args.device, command_line("python -m ibot_benchmarks.kernels", argv))
+    report = render(rows, env, bandwidth, args.device)
     out = save_report(report, "kernels", args.device, args.out, args.quick)
     if out is not None:
         log.info("wrote %s", out)

@@ -15,11 +15,12 @@ k-NN protocol for both, at random init and after training: the teacher backbone'
 L2-normalised, weighted k-NN (k = 20, T = 0.07) with the train split as memory and the val split as queries, images
 resized to 64 px (`ibot_engine.eval.knn`).
 
-* lightly: its iBOT example (lightly 1.6, `examples/pytorch/ibot.py`) changed only in size, as a user would run it on
-  this data: timm ViT-tiny patch 8 at 64 px (LayerScale 1e-5, MAE init as the example's wrapper does), K = 1024,
-  `IBOTTransform(global_crop_size=64, local_crop_size=32, n_local_views=4)` on a torchvision `ImageFolder`, batch 64,
-  its own schedules over the run's steps (teacher temperature 0.04 -> 0.07 over 30/50 of them, weight decay
-  0.04 -> 0.4, EMA 0.992 -> 1, AdamW at a constant 1e-3), its block masks.
+* lightly: its iBOT example (lightly 1.6, `examples/pytorch/ibot.py`, built by `ibot_engine.bench.lightly_example`)
+  changed only in size, as a user would run it on this data: timm ViT-tiny patch 8 at 64 px (LayerScale 1e-5, MAE
+  init as the example's wrapper does), K = 1024, `IBOTTransform(global_crop_size=64, local_crop_size=32,
+  n_local_views=4)` on a torchvision `ImageFolder`, batch 64, its own schedules over the run's steps (teacher
+  temperature 0.04 -> 0.07 over 30/50 of them, weight decay 0.04 -> 0.4, EMA 0.992 -> 1, AdamW at a constant 1e-3),
+  its block masks, its teacher head drawn apart from the student's.
 * ours: `ibot train --config launch/configs/digits.yaml` (the 64 px small-data recipe) for the same steps, the same
   architecture, crop sizes, K and batch.
 
@@ -30,7 +31,6 @@ and the final training-health metrics of both runs.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -43,7 +43,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ibot_benchmarks.common import RESULTS_DIR, environment, markdown_table, report_header, save_report
+from ibot_benchmarks.common import repo_file
+from ibot_engine.bench.lightly_example import (
+    LightlyExample,
+    block_masks,
+    example_losses,
+    example_optimizer,
+    example_transform,
+    lightly_example_step,
+    ours_state_from_lightly,
+    peer_versions,
+)
+from ibot_engine.bench.report import command_line, environment, header_lines, markdown_table, results_dir, save_report
 from ibot_engine.checkpoint import read_checkpoint
 from ibot_engine.config import load_config
 from ibot_engine.data.digits import digits_folder
@@ -51,110 +62,11 @@ from ibot_engine.data.folder import ImageFolderDataset
 from ibot_engine.data.stream import build_data_stream
 from ibot_engine.eval.features import extract_features, teacher_backbone
 from ibot_engine.eval.knn import weighted_knn
-from ibot_engine.health import HEALTH_KEYS, health_metrics
 from ibot_engine.model.ibot import IBOT
-from ibot_engine.tools.export import backbone_state, from_timm, to_timm
+from ibot_engine.tools.export import backbone_state, to_timm
 from ibot_engine.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "launch" / "configs" / "digits.yaml"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# lightly's example, ported (its model pieces and loop body; also the whole-step parity test's peer)
-
-
-class LightlyExample(torch.nn.Module):
-    """The example's `IBOT` module, sized: timm ViT (LayerScale 1e-5, MAE init by lightly's wrapper, learned
-    position embedding resampled for other crop sizes), student = a copy of the teacher with uniform drop path, a
-    separately initialised teacher head with a frozen gain, the student head with a free one."""
-
-    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
-                 out_dim: int = 1024, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 drop_path: float = 0.1) -> None:
-        super().__init__()
-        from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
-        from lightly.models.utils import update_drop_path_rate
-        from timm.models.vision_transformer import VisionTransformer
-
-        vit = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                num_heads=num_heads, pos_embed="learn", dynamic_img_size=True, init_values=1e-5,
-                                num_classes=0)
-        self.teacher_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
-        self.student_backbone = copy.deepcopy(self.teacher_backbone)
-        if drop_path > 0:
-            update_drop_path_rate(self.student_backbone.vit, drop_path_rate=drop_path, mode="uniform")
-        self.student_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim, norm_last_layer=False)
-        self.teacher_head = DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim)
-        for module in (self.teacher_backbone, self.teacher_head):
-            module.requires_grad_(False)
-            module.eval()
-
-    def train(self, mode: bool = True) -> LightlyExample:
-        super().train(mode)
-        self.teacher_backbone.eval()
-        self.teacher_head.eval()
-        return self
-
-
-def lightly_schedules(step: int, total_steps: int, warmup_steps: int) -> dict[str, float]:
-    """The example's per-step values: teacher temperature, weight decay, EMA momentum."""
-    from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
-
-    return {
-        "teacher_temp": linear_warmup_schedule(step=step, warmup_steps=warmup_steps, start_value=0.04,
-                                               end_value=0.07),
-        "weight_decay": cosine_schedule(step=step, max_steps=total_steps, start_value=0.04, end_value=0.4),
-        "momentum": cosine_schedule(step=step, max_steps=total_steps, start_value=0.992, end_value=1.0),
-    }
-
-
-def lightly_example_step(peer: LightlyExample, optimizer: torch.optim.Optimizer, dino: Any, ibot_patch: Any,
-                         global_views: Tensor, local_views: Tensor, block_mask: Tensor, *, step: int,
-                         total_steps: int, warmup_steps: int, grads: bool = False) -> dict[str, Any]:
-    """One iteration of the example's loop body, in its order: teacher, student, `DINOLoss` + `IBOTPatchLoss`
-    (each updates its centre after computing the loss), backward, weight decay schedule, AdamW step, EMA.
-
-    global_views [2B, 3, H, W] and local_views [L*B, 3, h, w] view-major, block_mask [2B, H/p, W/p] bool. Returns the
-    two losses and, with `grads`, a copy of the student gradients the optimizer applied (keyed "backbone.<name>" /
-    "head.<name>")."""
-    from lightly.models.utils import update_momentum
-
-    s = lightly_schedules(step, total_steps, warmup_steps)
-    num_views = (global_views.shape[0] + local_views.shape[0]) // (global_views.shape[0] // 2)
-    mask = torch.cat([block_mask.new_zeros(block_mask.shape[0], 1), block_mask.flatten(1)], dim=1)  # + cls column
-    with torch.no_grad():
-        teacher_features = peer.teacher_backbone.encode(global_views)
-        teacher_cls_out = peer.teacher_head(teacher_features[:, 0])
-        teacher_masked_out = peer.teacher_head(teacher_features[mask])
-    student_global = peer.student_backbone.encode(global_views, mask=mask)
-    student_global_cls_out = peer.student_head(student_global[:, 0])
-    student_global_masked_out = peer.student_head(student_global[mask])
-    student_local_cls_out = peer.student_head(peer.student_backbone.encode(local_views)[:, 0])
-    student_cls_out = torch.cat([student_global_cls_out, student_local_cls_out])
-    center = dino.center.detach().clone()  # the centre this step's targets use (DINOLoss updates it in the call)
-    dino_loss = dino(teacher_out=teacher_cls_out.chunk(2), student_out=student_cls_out.chunk(num_views),
-                     teacher_temp=s["teacher_temp"])
-    ibot_loss = ibot_patch(teacher_out=teacher_masked_out, student_out=student_global_masked_out, mask=block_mask,
-                           teacher_temp=s["teacher_temp"])
-    (dino_loss + ibot_loss).backward()
-    peer.student_head.cancel_last_layer_gradients(0)  # the example's call; freeze_last_layer=-1: a no-op
-    for group in optimizer.param_groups:
-        if group["weight_decay"] != 0.0:
-            group["weight_decay"] = s["weight_decay"]
-    with torch.no_grad():  # the same training-health numbers as ours (engine/health.py)
-        health = health_metrics(teacher_cls_out, teacher_cls_out[:0], center.flatten(), center.flatten(),
-                                s["teacher_temp"], s["teacher_temp"], student_global[:, 0], teacher_features[:, 0])
-    out: dict[str, Any] = {"loss_cls": dino_loss.detach(), "loss_patch": ibot_loss.detach(),
-                           "health": dict(zip(HEALTH_KEYS, health.tolist(), strict=True))}
-    if grads:
-        out["grads"] = {**{f"backbone.{k}": p.grad.clone() for k, p in peer.student_backbone.named_parameters()},
-                        **{f"head.{k}": p.grad.clone() for k, p in peer.student_head.named_parameters()}}
-    optimizer.step()
-    optimizer.zero_grad()
-    update_momentum(peer.student_backbone, peer.teacher_backbone, m=s["momentum"])
-    update_momentum(peer.student_head, peer.teacher_head, m=s["momentum"])
-    return out
+RECIPE = "launch/configs/digits.yaml"  # ours: the repository's 64 px recipe (`repo_file`)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,25 +93,11 @@ class _Encode(torch.nn.Module):
 
 
 def lightly_draw(seed: int) -> LightlyExample:
-    """lightly's example model as `run_lightly` draws it at `seed` (its initial weights)."""
+    """lightly's example model as `run_lightly` draws it at `seed` (its initial weights): ViT-tiny/8 at 64 px,
+    K = 1024, the example's head widths and drop path."""
     torch.manual_seed(seed)
     random.seed(seed)  # lightly's block masks draw from Python's random
-    return LightlyExample(img_size=64, patch_size=8)
-
-
-def ours_state_from_lightly(peer: LightlyExample, ours: IBOT) -> dict[str, Tensor]:
-    """The peer's weights as our `IBOT` state dict (timm's ViT keys through `from_timm`; the head's `layers.*` is our
-    `mlp.*`), with `ours`' centres. The shapes must agree (same sizes on both sides)."""
-    state = {}
-    for mine, vit in (("student", peer.student_backbone.vit), ("teacher", peer.teacher_backbone.vit)):
-        state.update({f"{mine}.backbone.{k}": v.clone() for k, v in from_timm(vit.state_dict()).items()})
-    state["student.backbone.mask_token"] = peer.student_backbone.mask_token.detach().reshape(1, -1).clone()
-    for mine, head in (("student", peer.student_head), ("teacher", peer.teacher_head)):
-        for key, value in head.state_dict().items():
-            state[f"{mine}.head.{key.replace('layers.', 'mlp.')}"] = value.clone()
-    state["cls_center"] = ours.cls_center.clone()
-    state["patch_center"] = ours.patch_center.clone()
-    return state
+    return LightlyExample(arch="vit_tiny", patch_size=8, img_size=64, out_dim=1024)
 
 
 def _load_our_backbones(peer: LightlyExample, recipe_cfg: Any) -> None:
@@ -217,12 +115,9 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
     its loop: "data" feeds it our multi-crop stream and block masks (the recipe's), "init" starts its backbones
     from our ViT's init; `stop_after` ends the run early (the schedules still span `steps`)."""
     import torchvision
-    from lightly.loss import DINOLoss, IBOTPatchLoss
-    from lightly.models.utils import random_block_mask
-    from lightly.transforms.ibot_transform import IBOTTransform
 
     peer = lightly_draw(seed)
-    recipe = load_config(RECIPE, [f"data.num_workers={workers}"])
+    recipe = load_config(repo_file(RECIPE), [f"data.num_workers={workers}"])
     if "init" in swap:
         _load_our_backbones(peer, recipe)
     init = knn_top1(_Encode(peer.teacher_backbone))
@@ -231,8 +126,7 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
                                    device=torch.device("cpu"))
     else:
         dataset = torchvision.datasets.ImageFolder(str(digits_folder("train")),
-                                                   transform=IBOTTransform(global_crop_size=64, local_crop_size=32,
-                                                                           n_local_views=4))
+                                                   transform=example_transform(64, 32, num_local=4))
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, drop_last=True,
                                              num_workers=workers)
 
@@ -240,11 +134,10 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
         """One pass of (global views [2B], local views [4B], block masks [2B, 8, 8])."""
         if "data" in swap:
             return ((b.global_crops, b.local_crops, b.masks) for b in stream)
-        return ((torch.cat(views[:2]), torch.cat(views[2:]), random_block_mask(size=(2 * 64, 8, 8)))
-                for views, _ in loader)
+        return ((torch.cat(views[:2]), torch.cat(views[2:]), block_masks(2 * 64, 8)) for views, _ in loader)
 
-    dino, ibot_patch = DINOLoss(output_dim=1024, teacher_temp=0.07), IBOTPatchLoss(output_dim=1024, teacher_temp=0.07)
-    optimizer = torch.optim.AdamW(peer.parameters(), lr=0.001)  # the example's: every parameter, weight decay too
+    dino, ibot_patch = example_losses(1024)
+    optimizer = example_optimizer(peer)
     warmup = int(30 / 50 * steps)  # the example: 30 of its 50 epochs
     last = min(steps, stop_after or steps)
     peer.train()
@@ -252,7 +145,7 @@ def run_lightly(steps: int, *, workers: int, seed: int = 0, log_every: int = 50,
     while step < last:
         for global_views, local_views, block_mask in epoch():
             out = lightly_example_step(peer, optimizer, dino, ibot_patch, global_views, local_views, block_mask,
-                                       step=step, total_steps=steps, warmup_steps=warmup)
+                                       step=step, total_steps=steps, warmup_steps=warmup, health=True)
             step += 1
             if step % log_every == 0 or step == last:
                 losses.append({"step": step, "loss_cls": float(out["loss_cls"]),
@@ -276,14 +169,14 @@ def run_ours(steps: int, *, workers: int, run_dir: Path, knn_every: int = 0, see
     """Our recipe for `steps` steps. For bisection, `init_from_lightly` starts it from lightly's example's initial
     weights at this seed (the draw `run_lightly` makes), so that the two runs share their start, and `overrides`
     (`key=value`) change the recipe."""
-    cfg = load_config(RECIPE, [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
+    cfg = load_config(repo_file(RECIPE), [f"train.steps={steps}", f"run.dir={run_dir}", f"data.num_workers={workers}",
                                "checkpoint.every=0", "checkpoint.resume=none", f"eval.knn_every={knn_every}",
                                f"train.seed={seed}", *overrides])
     initial = ours_state_from_lightly(lightly_draw(seed), IBOT(cfg.model, cfg.loss)) if init_from_lightly else None
     init = knn_top1(teacher_backbone(cfg, initial, torch.device("cpu")))
     # A stronger baseline than the init (whose LayerScale 1e-5 gives every image nearly the same feature): the same
     # ViT randomly initialised without LayerScale, i.e. random features.
-    plain = load_config(RECIPE, ["model.layerscale=0", f"train.seed={seed}"])  # this seed's draw
+    plain = load_config(repo_file(RECIPE), ["model.layerscale=0", f"train.seed={seed}"])  # this seed's draw
     random_features = knn_top1(teacher_backbone(plain, None, torch.device("cpu")))
     start = time.perf_counter()
     last = train(cfg, initial_state=initial)
@@ -323,12 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     if (args.ours_init != "own" or args.overrides) and (args.only != "ours" or args.out is None):
         p.error("--ours-init / --set are bisection runs: use them with --only ours and an --out file")
     steps = 4 if args.quick else args.steps
-    env = environment("cpu", "ibot_benchmarks.peer_learning")
-    import lightly
-    import timm
-
-    env.update({"lightly": lightly.__version__, "timm": timm.__version__, "threads": str(torch.get_num_threads()),
-                "seed": " ".join(map(str, args.seed))})
+    env = {**environment("cpu", command_line("python -m ibot_benchmarks.peer_learning", argv)), **peer_versions(),
+           "seed": " ".join(map(str, args.seed))}
     sides = [side for side in ("ours", "lightly") if args.only in (None, side)]
     results: dict[str, dict[int, dict[str, Any]]] = {side: {} for side in sides}
     out = _out_path(args)
@@ -355,7 +244,7 @@ def report(results: dict[str, dict[int, dict[str, Any]]], steps: int, seeds: lis
            env: dict[str, str]) -> str:
     """The markdown report of the finished `seeds`: one row per side and seed, the per-seed gap, and with several
     seeds the means."""
-    names = {"ours": f"ours (`{RECIPE.relative_to(ROOT)}`)", "lightly": "lightly 1.6 iBOT example"}
+    names = {"ours": f"ours (`{RECIPE}`)", "lightly": "lightly 1.6 iBOT example"}
     if args.ours_init == "lightly":
         names["ours"] += " from lightly's initial weights"
     if args.overrides:
@@ -372,7 +261,7 @@ def report(results: dict[str, dict[int, dict[str, Any]]], steps: int, seeds: lis
             rows.append([f"**{names[side]}, mean of {len(runs)} seeds**", "",
                          f"{_mean([r['init'] for r in runs.values()]):.1f}%",
                          f"**{_mean(finals):.1f}%** ({min(finals):.1f}-{max(finals):.1f})", "", ""])
-    lines = [*report_header(f"Learning on digits, {steps} steps: ours vs lightly's iBOT example", env), "",
+    lines = [*header_lines(f"Learning on digits, {steps} steps: ours vs lightly's iBOT example", env), "",
              markdown_table(["run", "seed", "k-NN top-1 at init", f"after {steps} steps", "gain (points)",
                              "train time"], rows), ""]
     if len(results) == 2:
@@ -399,7 +288,7 @@ def _out_path(args: argparse.Namespace) -> Path | None:
         return args.out
     # A full CPU run is the result this script exists for (unlike speed runs).
     seeds = "" if args.seed == [0] else "_seeds" + "-".join(map(str, args.seed))
-    return RESULTS_DIR / f"peer_learning{seeds}_cpu{os.cpu_count()}core_{datetime.datetime.now(datetime.UTC):%Y%m}.md"
+    return results_dir() / f"peer_learning{seeds}_cpu{os.cpu_count()}core_{datetime.datetime.now(datetime.UTC):%Y%m}.md"
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ibot_benchmarks.common import environment, markdown_table, report_header, save_report
+from ibot_engine.bench.report import command_line, environment, header_lines, markdown_table, save_report
 from ibot_engine.config import load_config
 from ibot_engine.configs import DEMO_CONFIG
 from ibot_engine.distributed import DistEnv
 from ibot_engine.train.sync_guard import guarded_steps
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"centre": [], "sinkhorn": ["loss.centering=sinkhorn"], "koleo": ["loss.koleo_weight=0.1"]}
 
 
@@ -48,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:  # the first sync found (HostSyncError or CUDA's), reported, then the next
                 rows.append([name, f"`{type(err).__name__}: {err}`".replace("|", "/"), "-"])
                 traceback.print_exc()
-    lines = [*report_header("Host syncs in the training step", environment(args.device, "ibot_benchmarks.sync_check")),
+    env = environment(args.device, command_line("python -m ibot_benchmarks.sync_check", argv))
+    lines = [*header_lines("Host syncs in the training step", env),
              "", f"{args.steps} steps per variant, each `train_step` under `HostSyncGuard`"
              + (" and `torch.cuda.set_sync_debug_mode('error')`" if device.type == "cuda" else "") + ".", "",
              markdown_table(["variant", "result", "last loss"], rows), ""]

@@ -121,6 +121,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # reports record the command that reproduces them
     # Each command imports its modules when it runs: `ibot --help`, a config error or `ibot plot` do not pay for
     # torch, torchvision and the model (seconds on a small machine).
     try:
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from ibot_engine.bench.command import bench_main
 
-            args.argv = list(argv) if argv is not None else sys.argv[1:]
             bench_main(args, load_config(args.config, args.overrides))
         elif args.command == "profile":
             from ibot_engine.bench.profile import profile_main

@@ -9,6 +9,7 @@ The folders are `engine/`, `kernels/` and `benchmarks/`; they install as `ibot_e
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +154,27 @@ def test_only_installed_names_are_imported():
             if bad:
                 offenders.append(f"{path.relative_to(ROOT)}: {sorted(set(bad))}")
     assert not offenders, offenders
+
+
+# Folder names as modules in text: `import engine` in a code string, `python -m engine`, a ["-m", "engine"] argv.
+FOLDER_AS_MODULE = re.compile(r'(\bimport\s+([\w.]+\s*,\s*)*|\bfrom\s+|-m\s+)(engine|kernels|benchmarks)(?![\w/])'
+                              r'|"-m",\s*"(engine|kernels|benchmarks)"')
+
+
+def test_no_text_runs_a_folder_name_as_a_module():
+    """The same in code strings, shell scripts, configs and docs (not the checked-in results, which record the
+    commands as they ran). tests/test_install.py imports Hugging Face's `kernels` on purpose."""
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / ".ci").iterdir()]
+    files += [p for folder in SOURCES for p in (ROOT / folder).rglob("*")
+              if p.suffix in (".py", ".sh", ".sbatch", ".yaml", ".md") and "results" not in p.parts]
+    skip = {ROOT / "tests" / "test_install.py", Path(__file__).resolve()}
+    offenders = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in sorted(set(files)) if p not in skip
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if FOLDER_AS_MODULE.search(line)]
+    assert not offenders, offenders
+    assert FOLDER_AS_MODULE.search('cmd = [sys.executable, "-m", "engine", "train"]')
+    assert FOLDER_AS_MODULE.search("torchrun --nproc_per_node=8 -m engine train")
+    assert FOLDER_AS_MODULE.search('"import pkgutil, importlib, sys, engine, kernels\\n"')
+    assert not FOLDER_AS_MODULE.search("python -m ibot_engine train  # args from engine/cli.py")
 
 
 def test_one_module_builds_lightlys_example():

@@ -4,9 +4,10 @@ From the same initial weights (lightly's timm ViT and DINO heads copied into our
 same masks, `STEPS` training steps of our `ibot_engine.train.step.train_step` equal the example's loop body, in fp32:
 the cls and patch losses, every student gradient, the updated student and teacher, and both centres.
 
-The example's model and loop body are ported literally in `benchmarks/peer_learning.py` (`LightlyExample`,
+The example's model and loop body are built in `ibot_engine.bench.lightly_example` (`LightlyExample`,
 `lightly_example_step`: its model pieces, `DINOLoss`, `IBOTPatchLoss`, `update_momentum`, in its order), which
-`python -m ibot_benchmarks.peer_learning` also trains on real images. Differences set equal through our config:
+`ibot bench --compare lightly` times and `python -m ibot_benchmarks.peer_learning` trains on real images.
+Differences set equal through our config:
     lr                constant 1e-3: optim.lr = 1e-3 * 256 / B, warmup 0, min_lr = the peak
     clipping, freeze  none: optim.clip_grad=0, optim.freeze_last_layer_epochs=0
     teacher temp      per-step linear warm-up 0.04 -> 0.07: loss.teacher_temp_per_step=true (+ the epochs)
@@ -52,7 +53,7 @@ lightly = pytest.importorskip("lightly")
 pytest.importorskip("timm")
 from lightly.loss import DINOLoss, IBOTPatchLoss  # noqa: E402
 
-from ibot_benchmarks.peer_learning import (  # noqa: E402
+from ibot_engine.bench.lightly_example import (  # noqa: E402
     LightlyExample,
     lightly_example_step,
     lightly_schedules,
@@ -95,7 +96,8 @@ def _run(perturb=None) -> dict[str, float]:
     """Max |ours - lightly| over the steps, per kind (`TOL`'s keys)."""
     cfg = _cfg()
     torch.manual_seed(0)
-    peer = LightlyExample(img_size=32, patch_size=8, out_dim=K, hidden_dim=64, bottleneck_dim=32, drop_path=0.0)
+    peer = LightlyExample(arch="vit_tiny", img_size=32, patch_size=8, out_dim=K, hidden_dim=64, bottleneck_dim=32,
+                          drop_path=0.0)
     ours = IBOT(cfg.model, cfg.loss)
     ours.load_state_dict(ours_state_from_lightly(peer, ours), strict=True)
     env = DistEnv(0, 1, 0, torch.device("cpu"))

@@ -3,7 +3,7 @@
     ibot bench --config launch/configs/vit_s16.yaml train.batch_size=64 --steps 30 --warmup 5 --compare lightly
 
 The step runs in the harness (harness.py), timed and counted by timing.py, written up by report.py; the lightly
-row comes from lightly_peer.py.
+row is lightly_peer.py's timing of lightly's example (lightly_example.py).
 
 Under torchrun (`distributed.strategy=ddp|fsdp`) every rank runs the harness and reports its own img/s; rank 0
 writes the report. `--find-max-batch` is single-process only.
@@ -12,16 +12,15 @@ writes the report. `--find-max-batch` is single-process only.
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ibot_engine.bench.harness import bench_harness, build_harness, find_max_batch, harness_batch_trier
-from ibot_engine.bench.lightly_peer import LightlyStep, require_lightly
-from ibot_engine.bench.report import default_out_path, environment, results_table, write_report
+from ibot_engine.bench.lightly_example import require_lightly
+from ibot_engine.bench.lightly_peer import LightlyStep
+from ibot_engine.bench.report import command_line, default_out_path, environment, results_table, write_report
 from ibot_engine.bench.timing import (
     BenchSetupError,
     free_device_memory,
@@ -50,7 +49,7 @@ def bench_main(args: Any, cfg: Config) -> Path | None:
     env = init_distributed()
     try:
         device = env.device
-        command = "ibot " + shlex.join(sys.argv[1:] if getattr(args, "argv", None) is None else args.argv)
+        command = command_line("ibot", args.argv)
         h = build_harness(cfg, env, real_data=args.data, num_batches=args.num_batches)
         precision = precision_name(h.amp_dtype, device)
         peak = peak_flops(device, precision, args.peak_tflops)
@@ -95,8 +94,7 @@ def bench_main(args: Any, cfg: Config) -> Path | None:
         if not env.is_main:
             return None
         path = Path(args.out) if args.out else default_out_path(cfg, device)
-        write_report(path, env_info=environment(device), command=command, cfg=cfg, rows=rows, extra=extra,
-                     notes=notes)
+        write_report(path, env_info=environment(device, command), cfg=cfg, rows=rows, extra=extra, notes=notes)
         print(f"report: {path} (+ {path.with_suffix('.json').name})")
         return path
     finally:

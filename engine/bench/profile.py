@@ -18,7 +18,6 @@ The harness adds `record_function` ranges around whole calls only: `ibot.data` (
 
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
 import re
@@ -34,7 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, record_function
 
 from ibot_engine.bench.harness import build_harness
-from ibot_engine.bench.report import environment
+from ibot_engine.bench.report import command_line, environment, header_lines
 from ibot_engine.config import Config
 from ibot_engine.distributed import init_distributed, teardown
 
@@ -139,7 +138,7 @@ def summary_markdown(rows: Sequence[KernelTime], *, device: bool, header: dict[s
     for r in rows:
         by_cat[r.category] += r.time_us
     what = "self device (CUDA kernel) time" if device else "self CPU time of every op"
-    lines = ["# ibot profile", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in header.items()]
+    lines = header_lines("ibot profile", header, table=True)
     lines += ["", f"## Time per category ({what}, {steps} active steps)", "",
               "| category | ms per step | share |", "|---|---|---|"]
     lines += [f"| {c} | {by_cat[c] / steps / 1e3:.3f} | {100 * by_cat[c] / total:.1f}% |" for c in CATEGORIES]
@@ -217,11 +216,11 @@ def profile_main(args: Any, cfg: Config) -> Path:
         else:
             notes.append("CPU run: no CUDA memory snapshot (torch.cuda.memory has no CPU recorder); times are self "
                          "CPU time per op, including the profiler's own overhead")
-        header = {**environment(device), "config": f"{cfg.model.arch}/{cfg.model.patch_size}, batch "
-                  f"{cfg.train.batch_size}, {cfg.data.num_global} x {cfg.data.global_size} + {cfg.data.num_local} x "
-                  f"{cfg.data.local_size}, K {cfg.model.out_dim}, precision {cfg.precision}, compile "
-                  f"{cfg.train.compile}", "schedule": f"wait {args.wait}, warmup {args.warmup}, active {args.active}",
-                  "written": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+        header = {**environment(device, command_line("ibot", args.argv)),
+                  "config": f"{cfg.model.arch}/{cfg.model.patch_size}, batch {cfg.train.batch_size}, "
+                  f"{cfg.data.num_global} x {cfg.data.global_size} + {cfg.data.num_local} x {cfg.data.local_size}, "
+                  f"K {cfg.model.out_dim}, precision {cfg.precision}, compile {cfg.train.compile}",
+                  "schedule": f"wait {args.wait}, warmup {args.warmup}, active {args.active}"}
         text = summary_markdown(captured["rows"], device=cuda, header=header, steps=args.active, notes=notes)
         if env.is_main:
             (out / "summary.md").write_text(text)

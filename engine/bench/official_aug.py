@@ -1,5 +1,5 @@
 """The official iBOT multi-crop augmentation, composed as bytedance/ibot composes it: the benchmark's peer and the
-tests' reference for `data.augment=cpu` (engine/data/transforms.py). Not used by the engine.
+tests' reference for `data.augment=cpu` (engine/data/cpu_aug.py). Not used by the engine.
 
 `main_ibot.py: DataAugmentationiBOT` with torchvision.transforms (v1) on PIL images: RandomResizedCrop (bicubic),
 then RandomHorizontalFlip(0.5), RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2), then
@@ -24,7 +24,7 @@ from torchvision import transforms
 from ibot_engine.config import DataConfig
 from ibot_engine.data.augment import CpuAugmenter
 from ibot_engine.data.batch import MultiCropCollate
-from ibot_engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GaussianBlur:
