@@ -33,6 +33,7 @@ def test_demo_prints_knn_before_and_after(tmp_path, capsys):
     assert re.search(r"k-NN top-1 before: [\d.]+%   after: [\d.]+%", out)
     assert re.search(r"random features \(no LayerScale, untrained\): [\d.]+%", out) and "collapse warnings:" in out
     assert (run / "loss.png").is_file() and (run / "health.png").is_file()
+    assert (run / "knn.png").is_file() and re.search(r"k-NN before/after \(figure\): \S+knn\.png", out)
     assert (run / "knn_before.json").is_file() and (run / "knn_random_features.json").is_file()
 
 

@@ -3,7 +3,7 @@
 The run is the demo itself (`engine/configs/demo_cpu.yaml`: ViT-tiny/8 on 32 px crops of scikit-learn's
 handwritten-digit scans, 200 steps), about five minutes on 2 CPU cores. It used to be cut to 120 steps, but there
 the k-NN ended at 69.2% (a clean-clone CI run) and 70.0% (the working checkout) on 2026-12-07, under the bar of
-random features + 5 = 70.8%; the full 200 steps gave 79.4% that day (README: about 81%). It must
+random features + 5 = 70.8%; the full 200 steps gave 79.4% that day (README: 79.4-81.4%). It must
 
 * raise the teacher's k-NN top-1 far above its own random initialisation (LayerScale 1e-5 makes every image's
   feature nearly the same at init, so that baseline is near chance),

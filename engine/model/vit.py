@@ -249,7 +249,7 @@ class VisionTransformer(nn.Module):
         biases, LayerNorm 1 / 0, zero mask token.
 
         The scales differ by 2-3x (Xavier gives std 0.05-0.07 at ViT-tiny widths): on short runs from scratch
-        the larger init learns much faster (see README, "Learning on real data").
+        the larger init learns much faster (see docs/learning.md).
         """
         if scheme not in INIT_SCHEMES:
             raise ValueError(f"model.init={scheme!r}: one of {INIT_SCHEMES}")

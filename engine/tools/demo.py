@@ -2,8 +2,9 @@
 
 k-NN of the teacher's features before (random init) and after pretraining, beside the k-NN of random features (the
 same ViT at random init without LayerScale, whose 1e-5 start gives every image nearly the same feature: a much
-stronger baseline than the init), the training throughput, any collapse warning, and the loss and training-health
-PNGs in the run directory. Runs on CPU (a few minutes on 2 cores) or on a GPU.
+stronger baseline than the init), the training throughput, any collapse warning, and PNGs in the run directory: the
+k-NN before and after with the random-features line (knn.png), the loss (loss.png) and the training health
+(health.png). Runs on CPU (a few minutes on 2 cores) or on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ibot_engine.config import Config, save_config
 from ibot_engine.distributed import init_distributed, teardown
 from ibot_engine.eval.command import evaluate
 from ibot_engine.eval.features import teacher_backbone
-from ibot_engine.tools.plot import plot_health_run, plot_run, read_metrics
+from ibot_engine.tools.plot import plot_health_run, plot_knn_run, plot_run, read_metrics
 from ibot_engine.train.loop import train
 
 
@@ -56,7 +57,7 @@ def run_demo(cfg: Config) -> dict:
     print("== k-NN of the pretrained teacher")
     state, trained_cfg, _ = read_checkpoint(run_dir)
     after = _teacher_knn(trained_cfg, state, run_dir / "knn_after.json", checkpoint=str(run_dir))
-    png, health_png = plot_run(run_dir), plot_health_run(run_dir)
+    png, knn_png, health_png = plot_run(run_dir), plot_knn_run(run_dir), plot_health_run(run_dir)
     rates = [r["img_per_s"] for r in read_metrics(run_dir)[1:] if "img_per_s" in r] or [0.0]
     print(
         f"\n== demo done in {time.perf_counter() - start:.0f} s\n"
@@ -66,6 +67,7 @@ def run_demo(cfg: Config) -> dict:
         + (f"   random features (no LayerScale, untrained): {random_features['top1']:.1f}%\n" if random_features
            else "")
         + f"   collapse warnings: {'; '.join(last.get('collapse') or []) or 'none'}\n"
-        f"   loss curve: {png}\n   training health: {health_png}\n   run directory: {run_dir}"
+        f"   k-NN before/after (figure): {knn_png}\n   loss curve: {png}\n   training health: {health_png}\n"
+        f"   run directory: {run_dir}"
     )
     return {"before": before, "after": after, "random_features": random_features}

@@ -1,4 +1,10 @@
-"""Loss and k-NN curves from `metrics.jsonl` to PNG, drawn with Pillow (no plotting dependency)."""
+"""Loss, k-NN and training-health curves of a run, from `metrics.jsonl` to PNG with matplotlib.
+
+Figures are built on `matplotlib.figure.Figure` and saved through the Agg canvas: no pyplot, so no display is needed
+and the caller's own matplotlib backend is left alone. Legends sit to the right of the axes, off the data; tick values
+come from matplotlib's locators (round numbers). The k-NN figure also shows the demo's one-off results when the run
+directory holds them (`ibot demo`: before and after pretraining, and the random-features baseline).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +12,35 @@ import json
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-_SERIES = (("loss", (31, 119, 180)), ("loss_cls", (255, 127, 14)), ("loss_patch", (44, 160, 44)))
-KNN_SERIES = (("knn_top1", (214, 39, 40)), ("knn_top5", (148, 103, 189)))
-# Training health (engine/health.py), three panels: the teacher's targets, the spread of the embeddings, the centres.
+LOSS_SERIES = ("loss", "loss_cls", "loss_patch")
+KNN_SERIES = ("knn_top1", "knn_top5")
+# Training health (the checks in health.py), three panels: the teacher's targets, the spread of the embeddings, the
+# centres.
 HEALTH_PANELS = (
-    ("teacher targets (1 = uniform)", (("teacher_cls_entropy_frac", (31, 119, 180)),
-                                       ("teacher_patch_entropy_frac", (44, 160, 44)),
-                                       ("teacher_cls_batch_entropy_frac", (23, 190, 207)),
-                                       ("teacher_cls_max_prob", (255, 127, 14)),
-                                       ("teacher_patch_max_prob", (188, 189, 34)))),
-    ("std of the unit cls embeddings over the batch (0 = collapse)", (("student_cls_std", (214, 39, 40)),
-                                                                      ("teacher_cls_std", (148, 103, 189)))),
-    ("centre norms", (("cls_center_norm", (140, 86, 75)), ("patch_center_norm", (127, 127, 127)))),
+    ("teacher targets (1 = uniform)", ("teacher_cls_entropy_frac", "teacher_patch_entropy_frac",
+                                       "teacher_cls_batch_entropy_frac", "teacher_cls_max_prob",
+                                       "teacher_patch_max_prob")),
+    ("std of the unit cls embeddings over the batch (0 = collapse)", ("student_cls_std", "teacher_cls_std")),
+    ("centre norms", ("cls_center_norm", "patch_center_norm")),
 )
+# The demo's k-NN results (engine/tools/demo.py writes them next to metrics.jsonl).
+DEMO_KNN_FILES = {"before": "knn_before.json", "after": "knn_after.json",
+                  "random_features": "knn_random_features.json"}
+_DPI = 100
+_SIZE = (8.0, 4.8)  # inches: 800 x 480 px at _DPI
+_HEALTH_SIZE = (8.0, 9.0)
+_MARKERS_BELOW = 30  # a series with fewer points (k-NN every N steps, a short run) also gets a marker per point
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, one dict per logged step, in order.
+
+    Raises:
+        FileNotFoundError: the run directory has no metrics.jsonl.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
@@ -31,82 +48,145 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss", size: tuple[int, int] = (800, 480),
-                series: tuple[tuple[str, tuple[int, int, int]], ...] = _SERIES) -> Path:
-    """Line plot of the `series` keys (default loss, loss_cls and loss_patch) against step."""
-    records = [r for r in records if any(k in r and math.isfinite(r[k]) for k, _ in series)]
-    if not records:
-        raise ValueError("no metrics to plot")
-    W, H = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    steps = [r["step"] for r in records]
-    values = [r[k] for r in records for k, _ in series if k in r and math.isfinite(r[k])]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(values), max(values)
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
+def read_demo_knn(run_dir: str | Path) -> dict[str, float]:
+    """The demo's k-NN top-1 results (percent) found in RUN_DIR, keyed "before", "after", "random_features"."""
+    found = {}
+    for name, filename in DEMO_KNN_FILES.items():
+        path = Path(run_dir) / filename
+        if path.is_file():
+            found[name] = float(json.loads(path.read_text())["top1"])
+    return found
 
-    def xy(step: float, value: float) -> tuple[float, float]:
-        return (left + (step - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (value - y0) / (y1 - y0) * (H - top - bottom))
 
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(5):
-        value = y0 + (y1 - y0) * i / 4
-        _, y = xy(x0, value)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((5, y - 6), f"{value:.3g}", fill="black", font=font)
-        step = x0 + (x1 - x0) * i / 4
-        x, _ = xy(step, y0)
-        draw.line([x, H - bottom, x, H - bottom + 4], fill="black")
-        draw.text((x - 10, H - bottom + 8), f"{step:.0f}", fill="black", font=font)
-    draw.text((W // 2 - 20, H - 18), "step", fill="black", font=font)
-    draw.text((left, 12), title, fill="black", font=font)
-    for n, (key, colour) in enumerate(series):
-        points = [xy(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:  # markers: sparse series (k-NN every N steps) stay visible
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        legend = W - right - 45 - 6 * max(len(k) for k, _ in series)  # the default font is ~6 px per character
-        draw.line([legend, top + 12 + 16 * n, legend + 30, top + 12 + 16 * n], fill=colour, width=3)
-        draw.text((legend + 38, top + 6 + 16 * n), key, fill="black", font=font)
+def _points(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and math.isfinite(r[key])]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def _new_figure(size: tuple[float, float], rows: int = 1) -> tuple[Figure, list]:
+    # Constrained layout makes room for the legends placed outside the axes instead of shrinking them into the data.
+    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        # Steps are integers: no 0.25-step ticks on short runs, and tick spacings of 1, 2 or 5 times a power of ten.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.ticklabel_format(axis="y", useOffset=False)
+    axes[-1].set_xlabel("step")
+    return fig, list(axes)
+
+
+def _draw_series(ax, records: list[dict], keys: tuple[str, ...]) -> int:
+    """Draws each key that has finite values as a line against step; returns how many were drawn."""
+    drawn = 0
+    for key in keys:
+        steps, values = _points(records, key)
+        if steps:
+            ax.plot(steps, values, label=key, linewidth=1.8, marker="o" if len(steps) < _MARKERS_BELOW else None,
+                    markersize=4)
+            drawn += 1
+    return drawn
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, fontsize=9)
+
+
+def curves_figure(records: list[dict], title: str = "iBOT loss", series: tuple[str, ...] = LOSS_SERIES,
+                  ylabel: str = "loss") -> Figure:
+    """One axes with the `series` keys of `records` against step, its legend to the right of the axes.
+
+    Raises:
+        ValueError: no record has a finite value for any of the keys.
+    """
+    fig, (ax,) = _new_figure(_SIZE)
+    if not _draw_series(ax, records, series):
+        raise ValueError(f"no values of {', '.join(series)} to plot")
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
+    _legend_outside(ax)
+    return fig
+
+
+def knn_figure(records: list[dict], demo: dict[str, float] | None = None, title: str = "k-NN accuracy") -> Figure:
+    """k-NN accuracy (percent) against step: the k-NN logged during training (`eval.knn_every`) and, from the demo,
+    top-1 before pretraining (at step 0) and after (at the last step), joined by a line, with the random-features
+    top-1 as a dashed horizontal line.
+
+    Raises:
+        ValueError: neither the records nor `demo` hold a k-NN result.
+    """
+    demo = demo or {}
+    fig, (ax,) = _new_figure(_SIZE)
+    drawn = _draw_series(ax, records, KNN_SERIES)
+    last = max((r["step"] for r in records), default=1)
+    ends = [(name, step, demo[name]) for name, step in (("before", 0), ("after", last)) if name in demo]
+    if ends:
+        # Dotted: only the two ends were measured, the straight line between them is no curve.
+        ax.plot([s for _, s, _ in ends], [v for _, _, v in ends], color="black", linewidth=1.5, linestyle=":",
+                marker="o", markersize=8, label="top-1 before / after pretraining")
+        for name, step, value in ends:
+            ax.annotate(f"{name}: {value:.1f}%", (step, value), textcoords="offset points", xytext=(0, 9),
+                        ha="left" if name == "before" else "right", fontsize=9)
+        drawn += 1
+    if "random_features" in demo:
+        ax.axhline(demo["random_features"], color="grey", linestyle="--", linewidth=1.5,
+                   label=f"random features, untrained\n(no LayerScale): {demo['random_features']:.1f}%")
+        drawn += 1
+    if not drawn:
+        raise ValueError("no k-NN results to plot (knn_top1 in metrics.jsonl or the demo's knn_*.json)")
+    ax.set_ylim(0, 105)  # the whole 0-100% scale: how far a result is from chance and from perfect reads at a glance
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel("k-NN accuracy (%)")
+    _legend_outside(ax)
+    return fig
+
+
+def health_figure(records: list[dict], title: str = "training health") -> Figure | None:
+    """The training-health metrics against step, one axes per panel of HEALTH_PANELS that has data, stacked; None
+    when the records hold none."""
+    panels = [(name, keys) for name, keys in HEALTH_PANELS if any(_points(records, k)[0] for k in keys)]
+    if not panels:
+        return None
+    fig, axes = _new_figure(_HEALTH_SIZE, rows=len(panels))
+    fig.suptitle(title, fontsize=11)
+    for ax, (name, keys) in zip(axes, panels, strict=True):
+        _draw_series(ax, records, keys)
+        ax.set_title(name, fontsize=10)
+        _legend_outside(ax)
+    return fig
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
-    img.save(out)
+    fig.savefig(out, dpi=_DPI)
     return out
 
 
+def plot_curves(records: list[dict], out: str | Path, title: str = "iBOT loss",
+                series: tuple[str, ...] = LOSS_SERIES, ylabel: str = "loss") -> Path:
+    """`curves_figure` saved to `out` (PNG, 800 x 480 px); returns `out`."""
+    return _save(curves_figure(records, title, series, ylabel), out)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """loss, loss_cls and loss_patch against step, to RUN_DIR/loss.png (or `out`)."""
     return plot_curves(read_metrics(run_dir), out or Path(run_dir) / "loss.png", title=f"iBOT loss: {run_dir}")
 
 
 def plot_knn_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """k-NN top-1 / top-5 (percent) against step, to RUN_DIR/knn.png; None when the run logged no k-NN."""
-    records = [r for r in read_metrics(run_dir) if "knn_top1" in r]
-    if not records:
+    """k-NN top-1 / top-5 (percent) against step, with the demo's before / after / random-features results when the
+    run directory holds them, to RUN_DIR/knn.png; None when the run has no k-NN result."""
+    records = read_metrics(run_dir)
+    demo = read_demo_knn(run_dir)
+    if not demo and not any("knn_top1" in r for r in records):
         return None
-    return plot_curves(records, out or Path(run_dir) / "knn.png", title=f"k-NN accuracy (%): {run_dir}",
-                       series=KNN_SERIES)
+    return _save(knn_figure(records, demo, title=f"k-NN accuracy on held-out images: {run_dir}"),
+                 out or Path(run_dir) / "knn.png")
 
 
 def plot_health_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """The training-health metrics against step, three panels stacked, to RUN_DIR/health.png; None when the run
     logged none."""
-    records = read_metrics(run_dir)
-    panels = []
-    for title, series in HEALTH_PANELS:
-        if any(k in r for r in records for k, _ in series):
-            panels.append(Image.open(plot_curves(records, Path(run_dir) / ".health_panel.png", title=title,
-                                                 size=(800, 300), series=series)).copy())
-    (Path(run_dir) / ".health_panel.png").unlink(missing_ok=True)
-    if not panels:
-        return None
-    sheet = Image.new("RGB", (800, 300 * len(panels)), "white")
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (0, 300 * i))
-    out = Path(out or Path(run_dir) / "health.png")
-    sheet.save(out)
-    return out
+    fig = health_figure(read_metrics(run_dir), title=f"training health: {run_dir}")
+    return None if fig is None else _save(fig, out or Path(run_dir) / "health.png")
