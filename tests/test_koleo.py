@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ibot_engine.objective import koleo_loss
+from tests.helpers import spawn_ranks
 
 
 def _formula(tokens: torch.Tensor, num_global: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ def _koleo_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_koleo_over_two_ranks_equals_one_process_on_the_global_batch(tmp_path):
-    mp.start_processes(_koleo_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn_ranks(_koleo_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     tokens = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
     whole = koleo_loss(tokens.reshape(-1, 16), 2)

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ibot_engine.train.loop as train_module
 from ibot_engine.checkpoint import Checkpointer, load_consolidated
 from ibot_engine.cli import main as cli_main
 from ibot_engine.preempt import REQUEUE_EXIT_CODE, Preempted, StopSignal
 from ibot_engine.train.loop import train
-from tests.helpers import TINY_OVERRIDES, read_metrics, tiny_config
+from tests.helpers import TINY_OVERRIDES, read_metrics, spawn_ranks, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("loss", "loss_cls", "loss_patch", "grad_norm", "lr", "teacher_temp", "momentum")
@@ -194,7 +193,7 @@ def _agreement_worker(rank: int, world: int, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_ranks_agree_on_the_stop_step_when_only_one_is_signalled(tmp_path):
     """Rank 1's flag goes into the all-reduce started at boundary 4 and is read at boundary 5, on both ranks."""
-    mp.start_processes(_agreement_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_agreement_worker, 2, str(tmp_path))
     assert (tmp_path / "rank0.txt").read_text() == "5 none"
     assert (tmp_path / "rank1.txt").read_text() == "5 SIGUSR1"
 

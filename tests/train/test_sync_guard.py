@@ -10,7 +10,7 @@ import torch
 
 from ibot_engine.distributed import DistEnv
 from ibot_engine.train.sync_guard import HostSyncError, HostSyncGuard, guarded_steps
-from tests.helpers import tiny_config
+from tests.helpers import spawn_ranks, tiny_config
 
 
 def _guarded_steps(cfg, env: DistEnv) -> None:
@@ -61,9 +61,7 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
 def test_fsdp_training_step_has_no_host_sync(tmp_path):
     import json
 
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn_ranks(_fsdp_worker, 2, str(tmp_path))
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [{"error": None}] * 2
 
 
