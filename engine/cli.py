@@ -55,17 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--workers", type=int, default=0, help="writer processes (default: one per CPU, at most 16)")
     w.add_argument("--prefix", default="shard", help="shard file name prefix")
 
-    p = sub.add_parser("export", help="write a checkpoint's backbone as safetensors (timm or our key names)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    p.add_argument("--format", choices=["timm", "safetensors"], default="timm")
+    p = sub.add_parser("export", help="write a backbone in a released layout (ours, timm, DINOv2, DINOv3, HF)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="timm",
+                   help="ibot-engine: safetensors, our keys (safetensors: its old name, same file); timm (the "
+                        "default): safetensors for timm.create_model (name and kwargs in the metadata); dinov2 / "
+                        "dinov3: the official hub .pth layouts; hf: a transformers folder")
+    _add_init_format(p)
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--out", help="output .safetensors (default: next to the checkpoint)")
+    p.add_argument("--out", help="output file (folder for hf) (default: next to the checkpoint)")
 
     p = sub.add_parser("visualize", help="PNG of the last block's cls attention per head and of block masks")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    _add_init_format(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--size", type=int, help="input side in pixels (default data.global_size)")
+    p.add_argument("--size", type=int,
+                   help="input side in pixels (default data.global_size; a released file's native size)")
     p.add_argument("--tile", type=int, default=224, help="side of each tile of the figure in pixels")
     p.add_argument("--out", help="PNG path (default: next to the checkpoint)")
 
@@ -101,12 +107,32 @@ def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
 
 
+# The formats `ibot export` writes and `--init-format` reads (ibot_engine.model.released WRITE_FORMATS / FORMATS, and
+# export's alias), spelled out here: `ibot --help` imports no torch.
+EXPORT_FORMATS = ["ibot-engine", "timm", "dinov2", "dinov3", "hf", "safetensors"]
+INIT_FORMATS = ["auto", "ibot", "dino", "dinov2", "dinov3", "timm", "hf", "ibot-engine"]
+CHECKPOINT_HELP = ("our checkpoint (run directory, checkpoint directory or .pt file), else released weights: an "
+                   "iBOT / DINO / DINOv2 / DINOv3 / timm file, a Hugging Face folder or an `ibot export` file")
+
+
+def _add_init_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init-format", choices=INIT_FORMATS, default="auto",
+                   help="layout of released weights given as --checkpoint (auto: from the keys and metadata; "
+                        "our checkpoints are then looked for first)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     """Inputs and outputs shared by `eval knn` and `eval linear`."""
-    p.add_argument("--checkpoint", help="checkpoint file or run directory (omit with --random-init)")
+    p.add_argument("--checkpoint", help=f"{CHECKPOINT_HELP} (omit with --random-init)")
+    _add_init_format(p)
+    p.add_argument("--img-size", type=int,
+                   help="side the images are resized to (default: data.global_size of the run; a released file's "
+                        "native size, e.g. 518 for DINOv2's hub files)")
     p.add_argument("--random-init", action="store_true", help="evaluate the untrained model of --config")
-    p.add_argument("--config", help="config of the model (default: the checkpoint's own)")
-    p.add_argument("--train", help="labelled image folder, or builtin:NAME:train (default for built-in data)")
+    p.add_argument("--config", help="config of the model (default: the checkpoint's own; with released weights "
+                                    "the defaults, the file fixing the backbone)")
+    p.add_argument("--train", help="labelled image folder or shards, or builtin:NAME:train (default for built-in "
+                                   "data; required with released weights)")
     p.add_argument("--val", help="labelled image folder, or builtin:NAME:val (default for built-in data)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for decoding images")

@@ -67,12 +67,18 @@ class TrainConfig:
     """Rollbacks allowed in one run before a further non-finite loss stops it."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (slower; bit-reproducible kernels where they exist)."""
+    freeze_backbone_steps: int = 0
+    """Under `model.init_from` with a file that has no heads: for this many first steps the student backbone gets
+    no update (its gradients are dropped before clipping, so AdamW neither moves it nor starts its moments) while
+    the fresh heads warm up on the loaded features; ignored, and said once in the log, when the heads come from the
+    file or the run starts from scratch. Continuation default: CONTINUE_DEFAULTS (20)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
-    """Backbone size."""
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_small_plus"] = "vit_small"
+    """Backbone size. vit_small_plus is DINOv3's ViT-S+ (ViT-S widths, feed-forward ratio 6; use with
+    `model.ffn=swiglu` as DINOv3 does)."""
     patch_size: int = 16
     """Patch size in pixels (16 and 14 are the usual ones)."""
     img_size: int = 224
@@ -111,6 +117,28 @@ class ModelConfig:
     fixed-size random subset of samples, scaled up (DINOv2's efficient form; not with pack_crops)."""
     norm_impl: Literal["torch", "apex"] = "torch"
     """LayerNorm kernel: torch, or NVIDIA apex's FusedLayerNorm when apex is installed (else torch, said once)."""
+    num_register_tokens: int = 0
+    """Register tokens (DINOv2 `*_reg`: 4) or storage tokens (DINOv3: 4): learned tokens after the cls token that get
+    no position; tokens are [cls, registers, patches]. 0: none (iBOT, DINO, DINOv2)."""
+    pos_embed: Literal["learned", "rope"] = "learned"
+    """Position encoding: learned (an absolute embedding, bicubic-resampled for other grids; iBOT, DINO, DINOv2) or
+    rope (DINOv3's rotary embedding of the patch tokens' coordinates, normalised to [-1, 1] per axis; no weights,
+    any grid)."""
+    rope_base: float = 100.0
+    """pos_embed=rope: the base of the RoPE periods, base ** (4 i / head_dim) (DINOv3: 100)."""
+    norm_eps: float = 1e-6
+    """eps of every LayerNorm of the backbone (iBOT, DINO, DINOv2: 1e-6; DINOv3: 1e-5)."""
+    ffn: Literal["mlp", "swiglu"] = "mlp"
+    """Feed-forward of each block: mlp (GELU; keys mlp.fc1 / fc2) or swiglu (DINOv3's SwiGLUFFN, keys mlp.w1 / w2 /
+    w3, width 2/3 of embed_dim x the arch's ratio rounded up to a multiple of 8; DINOv3 S+ and H+)."""
+    qkv_k_bias: bool = True
+    """false: the K third of the qkv bias is held at zero in the forward (DINOv3's mask_k_bias); the stored bias keeps
+    its shape."""
+    init_from: str = ""
+    """Start the run from released weights: a DINO / iBOT / DINOv2 / DINOv3 / timm checkpoint file, a Hugging Face
+    folder (config.json + model.safetensors) or one of our exports; empty: from scratch. A resumed checkpoint wins."""
+    init_format: Literal["auto", "ibot", "dino", "dinov2", "dinov3", "timm", "hf", "ibot-engine"] = "auto"
+    """Layout of `model.init_from`; auto: detected from its keys and metadata."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -120,7 +148,9 @@ class DataConfig:
     tests: `builtin:digits` (scikit-learn's scans of handwritten digits, the demo's), or the generated
     `builtin:patterns` (the default, for quick runs and tests) and `builtin:shapes`."""
     global_size: int = 224
-    local_size: int = 96
+    local_size: int = 0
+    """Side of the local crops in pixels; 0: 96 rounded to the nearest multiple of model.patch_size (96 at 8 and 16,
+    98 at 14), resolved by load_config."""
     num_global: int = 2
     num_local: int = 10
     global_scale: tuple[float, float] = (0.25, 1.0)
@@ -185,12 +215,18 @@ class LossConfig:
     patch_center: Literal["all", "masked"] = "all"
     """all: the patch centre averages every teacher patch token (official iBOT); masked: only masked tokens
     (DINOv2, lightly), which lets the teacher head run on masked tokens only."""
+    center_init: Literal["auto", "zero", "first_batch"] = "auto"
+    """How the centres start (loss.centering=center). zero: at zero (official iBOT), or at the file's centres when
+    `model.init_from` holds them; first_batch: at the teacher's mean cls / patch logits of the first batch (over
+    every rank), set before the first loss, so that centring a loaded teacher does not shift its first targets;
+    auto: first_batch when `model.init_from` is set and its file has no centres, else zero."""
 
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
     lr: float = 5e-4
-    """Base learning rate for a total batch of 256; the peak is lr * total_batch / 256."""
+    """Base learning rate for a total batch of 256; the peak is lr * total_batch / 256. Continuation default
+    (`model.init_from`): CONTINUE_DEFAULTS (1e-4)."""
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
@@ -205,6 +241,14 @@ class OptimConfig:
     """global: one norm over all gradients (DINOv2, lightly); per_param: each tensor on its own (official)."""
     freeze_last_layer_epochs: float = 1.0
     """Drop the head's last-layer gradients during this many first epochs."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (DINOv2, BEiT): a parameter of layer l gets lr x layer_decay ** (depth + 1 - l), where the
+    patch embedding, cls / register / mask tokens and position embedding are layer 0, block i is layer i + 1, and
+    the final norm and the head are layer depth + 1 (full lr). 1.0: every layer at the same lr. Continuation
+    default: CONTINUE_DEFAULTS (0.9, DINOv2's `layerwise_decay`)."""
+    patch_embed_lr_mult: float = 1.0
+    """Extra lr factor of the patch embedding, on top of its layer decay (DINOv2: 0.2). Continuation default:
+    CONTINUE_DEFAULTS (0.2)."""
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     impl: Literal["torch", "apex"] = "torch"
@@ -386,7 +430,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
 
 
 def _check(cfg: Config) -> None:
-    """Cross-field validation; each error names its key."""
+    """Cross-field validation; each error names its key. Resolves the automatic values (data.local_size 0)."""
 
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
@@ -402,6 +446,12 @@ def _check(cfg: Config) -> None:
     positive("train.accum_steps", cfg.train.accum_steps)
     positive("model.patch_size", cfg.model.patch_size)
     positive("model.out_dim", cfg.model.out_dim)
+    positive("model.num_register_tokens", cfg.model.num_register_tokens, allow_zero=True)
+    positive("model.rope_base", cfg.model.rope_base)
+    positive("model.norm_eps", cfg.model.norm_eps)
+    positive("data.local_size", cfg.data.local_size, allow_zero=True)
+    if cfg.data.local_size == 0:  # auto: the usual 96 px, on the patch grid (DINOv2 uses 98 at patch 14)
+        cfg.data.local_size = max(1, round(96 / cfg.model.patch_size)) * cfg.model.patch_size
     for key in ("data.global_size", "data.local_size", "model.img_size"):
         size = cfg.data.global_size if key == "data.global_size" else (
             cfg.data.local_size if key == "data.local_size" else cfg.model.img_size)
@@ -433,6 +483,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.center_momentum' must be in [0, 1), got {cfg.loss.center_momentum}")
     positive("optim.lr", cfg.optim.lr)
     positive("optim.clip_grad", cfg.optim.clip_grad, allow_zero=True)
+    positive("optim.layer_decay", cfg.optim.layer_decay)
+    positive("optim.patch_embed_lr_mult", cfg.optim.patch_embed_lr_mult, allow_zero=True)
+    positive("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps, allow_zero=True)
     if not 0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1:
         raise ConfigError(
             "config keys 'optim.momentum_teacher' <= 'optim.momentum_teacher_end' must lie in [0, 1], got "
@@ -468,9 +521,32 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+# Defaults of a run that continues from released weights (`model.init_from`): applied by `load_config` to each key
+# that neither the YAML file nor an override sets. Gentler than pretraining from scratch, so that the first steps
+# keep what the loaded backbone knows: a lower lr, layer-wise lr decay and a slower patch embedding (DINOv2's
+# `layerwise_decay` and `patch_embed_lr_mult`), and the backbone frozen while fresh heads warm up. The warm-up
+# (`optim.warmup_epochs`, in epochs of the user's data) is left to the user: its length in steps depends on the
+# data set, and the lr ramp it gives after the freeze is still a safeguard. Values to be set by measurement.
+CONTINUE_DEFAULTS: dict[str, Any] = {
+    "optim.lr": 1e-4,
+    "optim.layer_decay": 0.9,
+    "optim.patch_embed_lr_mult": 0.2,
+    "train.freeze_backbone_steps": 20,
+}
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    """The dotted leaf keys a YAML entry sets (a section's mapping names several)."""
+    if isinstance(value, dict):
+        return [leaf for sub_key, sub_value in value.items() for leaf in _leaf_keys(f"{key}.{sub_key}", sub_value)]
+    return [key]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated. With `model.init_from` set,
+    the keys of `CONTINUE_DEFAULTS` that neither the file nor an override sets take its values."""
     cfg = Config()
+    user_keys: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -484,8 +560,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 _set(cfg, str(key), value)
             except ConfigError as err:
                 raise ConfigError(f"{path}: {err}") from None
+            user_keys.update(_leaf_keys(str(key), value))
     for key, value in parse_overrides(overrides or []):
         _set(cfg, key, value)
+        user_keys.add(key)
+    if cfg.model.init_from:
+        for key, value in CONTINUE_DEFAULTS.items():
+            if key not in user_keys:
+                _set(cfg, key, value)
     _check(cfg)
     return cfg
 

@@ -21,7 +21,11 @@ What comes from the config and what from the Trainer:
   is refused. Gradient accumulation: `Trainer(accumulate_grad_batches=N)` with `train.accum_steps=N` (the config's
   value sets the global batch, hence the learning rate), exactly as our loop with EMA centres (they move once per
   optimizer step, by every micro-batch's teacher outputs); refused with Sinkhorn-Knopp targets, which need every
-  micro-batch's teacher outputs before the first student pass. The logged losses are each micro-batch's.
+  micro-batch's teacher outputs before the first student pass (and so is `loss.center_init=first_batch`). The
+  logged losses are each micro-batch's.
+* `model.init_from` (released weights) is read when the module is built, as `ibot train` reads it; the freeze of
+  the backbone and the first-batch centres follow our loop. Resuming is Lightning's (`ckpt_path`), which reads the
+  file again before it replaces the weights.
 * Precision is the Trainer's (`precision="bf16-mixed"`, `"16-mixed"`, `"32-true"`); `cfg.precision` is not read.
   The objective and the centres are fp32 in every mode. `train.compile` and `train.activation_checkpointing` are
   applied as in our loop (`ibot_engine.model.ibot.apply_train_options`); `train.deterministic` is the Trainer's
@@ -56,10 +60,11 @@ from ibot_engine.data.batch import Batch
 from ibot_engine.data.epoch_loader import build_train_loader
 from ibot_engine.distributed import all_reduce_sum
 from ibot_engine.model.ibot import IBOT, TeacherOutput, apply_train_options
+from ibot_engine.train.continuation import load_released_, resolve_start
 from ibot_engine.train.health import HEALTH_KEYS, NonFiniteLossError
 from ibot_engine.train.optim import apply_hyperparams, build_optimizer, clip_gradients_, last_layer_params
 from ibot_engine.train.schedules import Hyperparams, hyperparams_at, total_steps_for
-from ibot_engine.train.step import forward_losses, joined_teacher_outputs
+from ibot_engine.train.step import drop_backbone_gradients_, forward_losses, init_centers_, joined_teacher_outputs
 from ibot_kernels import ema_update_
 
 __all__ = ["IBOTDataModule", "IBOTLightningModule"]
@@ -80,10 +85,14 @@ class IBOTLightningModule(L.LightningModule):
 
     def __init__(self, cfg: Config | dict[str, Any]) -> None:
         super().__init__()
-        self.cfg = config_from_dict(cfg) if isinstance(cfg, dict) else cfg
+        cfg = config_from_dict(cfg) if isinstance(cfg, dict) else cfg
+        # model.init_from: the model fields its file fixes, the effective freeze and centre rule (as `ibot train`).
+        self.cfg, released = resolve_start(cfg)
         self.save_hyperparameters({"cfg": config_to_dict(self.cfg)})  # load_from_checkpoint rebuilds from the dict
         torch.manual_seed(self.cfg.train.seed)  # as our loop: the seed fixes the init, then drop-path draws follow
         self.model = IBOT(self.cfg.model, self.cfg.loss)
+        if released is not None:
+            load_released_(self.model, released, self.cfg)
         apply_train_options(self.model, self.cfg.train)  # before Lightning's DDP / FSDP wrap
         # Lightning's DDP strategy re-seeds each process when it starts (reset_seed, after seed_everything), which
         # would restart the stream the init has advanced; on_train_start puts it back, as our loop continues it.
@@ -116,6 +125,13 @@ class IBOTLightningModule(L.LightningModule):
                 f"Trainer(accumulate_grad_batches={t.accumulate_grad_batches}) differs from train.accum_steps="
                 f"{self.cfg.train.accum_steps}: set both to the same value (the config's sets the global batch, "
                 "hence the learning rate and the schedules)"
+            )
+        if t.accumulate_grad_batches > 1 and self.cfg.loss.centering == "center" and \
+                self.cfg.loss.center_init == "first_batch":
+            raise ValueError(
+                "loss.center_init=first_batch with gradient accumulation needs every micro-batch's teacher outputs "
+                "before the first student pass: use `ibot train` (train.accum_steps), loss.center_init=zero, or no "
+                "accumulation"
             )
         if t.accumulate_grad_batches > 1 and self.cfg.loss.centering == "sinkhorn":
             raise ValueError(
@@ -164,7 +180,12 @@ class IBOTLightningModule(L.LightningModule):
         # With accumulation Lightning steps after every accumulate_grad_batches-th batch and after an epoch's last.
         self._last_micro = ((batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
                             or batch_idx + 1 == self.trainer.num_training_batches)
-        losses, self._teacher, health = forward_losses(self.model, batch, hp, self.cfg, health=log_step)
+        teacher = None
+        if hp.init_centers:  # step 0 of loss.center_init=first_batch: centres <- this batch's teacher means
+            teacher = self.model.teacher_forward(batch.global_crops, batch.mask_indices)
+            init_centers_(self.model, teacher)
+        losses, self._teacher, health = forward_losses(self.model, batch, hp, self.cfg, health=log_step,
+                                                       teacher=teacher)
         self._nonfinite |= ~torch.isfinite(losses.total.detach())  # read at checkpoint and at the end (no sync)
         # Means over ranks, one collective; device tensors, which Lightning reads back only when it logs.
         names = ["loss", "loss_cls", "loss_patch"]
@@ -193,6 +214,8 @@ class IBOTLightningModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Any = None) -> None:
+        if self._hp is not None and self._hp.freeze_backbone:  # train.freeze_backbone_steps, as our loop
+            drop_backbone_gradients_(self.model)
         grad_norm = clip_gradients_(self._params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         self.log("grad_norm", grad_norm.float(), on_step=True, on_epoch=False)
         if self._hp is not None and self._hp.freeze_last_layer:

@@ -16,6 +16,10 @@ every token-wise op (LayerNorm, qkv, proj, MLP, residuals) is one kernel launch 
 resolution. Attention stays within each crop: `sdpa` runs one call per resolution group on views of the packed
 rows, `flex` one call with a block-diagonal (document) mask, `xformers` one call with a `BlockDiagonalMask`.
 
+RoPE (`model.pos_embed=rope`): `attend` rotates q and k by per-token (sin, cos) tables (`Rope`, built by
+`VisionTransformer.rope_tables`; prefix tokens have the identity rows) before any backend sees them, so every
+backend and the packing serve it unchanged.
+
 Shapes: B sequences, T tokens, H heads, d head dim, D = H * d, S packed tokens.
 """
 
@@ -35,6 +39,20 @@ log = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("sdpa", "xformers", "flex")
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 _CPU_SDPA_BACKENDS = ("auto", "flash", "math")  # the SDPA kernels PyTorch has for CPU tensors
+
+
+Rope = tuple[Tensor, Tensor]
+"""RoPE (sin, cos) fp32 tables [T, d] of one sequence (or [S, d] of the packed rows), rotate-half layout."""
+
+
+def rotate(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """RoPE of x [..., T, d] (rotate-half layout: the pair of x_i is x_{i + d/2}) with tables broadcastable to it.
+
+    As DINOv3's `rope_apply`: computed in the tables' fp32 whatever x's dtype, then cast back to x's dtype."""
+    x_dtype = x.dtype
+    x = x.to(sin.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x_dtype)
 
 
 class Packing(NamedTuple):
@@ -112,18 +130,24 @@ def _flex_fn(device_type: str) -> Any:
 
 
 def attend(qkv: Tensor, num_heads: int, backend: str, sdpa_backend: str = "auto",
-           packing: Packing | None = None) -> Tensor:
+           packing: Packing | None = None, rope: Rope | None = None) -> Tensor:
     """Multi-head attention from fused projections.
 
     qkv: [B, T, 3 * D] (one sequence per row), or [S, 3 * D] packed rows with `packing`. Returns [B, T, D] or [S, D].
+    rope: (sin, cos) [T, d] (or [S, d] with `packing`): q and k are rotated by them first.
     """
     if packing is None:
         B, T, threeD = qkv.shape
         d = threeD // (3 * num_heads)
         if backend == "xformers":  # [B, T, H, d] layout, no transposes
             q, k, v = qkv.reshape(B, T, 3, num_heads, d).unbind(2)
+            if rope is not None:
+                sin, cos = rope[0][:, None], rope[1][:, None]  # [T, 1, d]: broadcast over heads
+                q, k = rotate(q, sin, cos), rotate(k, sin, cos)
             return _xformers_ops().memory_efficient_attention(q, k, v).reshape(B, T, num_heads * d)
         q, k, v = qkv.reshape(B, T, 3, num_heads, d).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, d]
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if backend == "flex":
             out = _flex_fn(qkv.device.type)(q, k, v)
         else:
@@ -135,14 +159,22 @@ def attend(qkv: Tensor, num_heads: int, backend: str, sdpa_backend: str = "auto"
         outs, start = [], 0
         for n, T in packing.groups:
             rows = qkv[start : start + n * T]
-            outs.append(attend(rows.reshape(n, T, threeD), num_heads, backend, sdpa_backend).reshape(n * T, -1))
+            # Every sequence of a group has the same table: its first T rows.
+            rope_g = None if rope is None else (rope[0][start : start + T], rope[1][start : start + T])
+            outs.append(attend(rows.reshape(n, T, threeD), num_heads, backend, sdpa_backend, rope=rope_g)
+                        .reshape(n * T, -1))
             start += n * T
         return torch.cat(outs)
     if backend == "xformers":
         q, k, v = qkv.reshape(1, S, 3, num_heads, d).unbind(2)
+        if rope is not None:
+            sin, cos = rope[0][:, None], rope[1][:, None]  # [S, 1, d]
+            q, k = rotate(q, sin, cos), rotate(k, sin, cos)
         out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=packing.xformers_bias)
         return out.reshape(S, num_heads * d)
     q, k, v = qkv.reshape(1, S, 3, num_heads, d).permute(2, 0, 3, 1, 4)  # 3 x [1, H, S, d]
+    if rope is not None:
+        q, k = rotate(q, *rope), rotate(k, *rope)
     out = _flex_fn(qkv.device.type)(q, k, v, block_mask=packing.block_mask)
     return out.transpose(1, 2).reshape(S, num_heads * d)
 

@@ -56,8 +56,14 @@ class IBOTNetwork(nn.Module):
             attention=cfg.attention,
             sdpa_backend=cfg.sdpa_backend,
             drop_path_impl=cfg.drop_path_impl,
-            norm_layer=norm_layer(cfg.norm_impl),
+            norm_layer=norm_layer(cfg.norm_impl, cfg.norm_eps),
             init=cfg.init,
+            num_register_tokens=cfg.num_register_tokens,
+            pos_embed=cfg.pos_embed,
+            rope_base=cfg.rope_base,
+            norm_eps=cfg.norm_eps,
+            ffn=cfg.ffn,
+            qkv_k_bias=cfg.qkv_k_bias,
         )
         self.pack_crops = cfg.pack_crops and student
         self.head = IBOTHead(
@@ -83,12 +89,12 @@ class IBOTNetwork(nn.Module):
         if self.pack_crops and has_local:  # one pass of packed tokens for both resolutions
             tokens_g, tokens_l = self.backbone.forward_packed([(global_crops, masks), (local_crops, None)])
         else:
-            tokens_g = self.backbone(global_crops, masks)  # [G*B, 1+N, D]
+            tokens_g = self.backbone(global_crops, masks)  # [G*B, 1+R+N, D]
             tokens_l = self.backbone(local_crops) if has_local else None
         cls = [tokens_g[:, 0]]
         if tokens_l is not None:
             cls.append(tokens_l[:, 0])
-        patches = tokens_g[:, 1:].reshape(-1, tokens_g.shape[-1])
+        patches = tokens_g[:, self.backbone.num_prefix_tokens :].reshape(-1, tokens_g.shape[-1])
         if mask_indices is not None:
             patches = patches.index_select(0, mask_indices)
         num_cls = sum(c.shape[0] for c in cls)

@@ -1,55 +1,43 @@
-"""`ibot export`: the backbone of a checkpoint as a safetensors state dict (never a pickle).
+"""`ibot export`: one backbone of a checkpoint (or of released weights) in a released layout that others load.
 
-Two formats, both the teacher's backbone by default (`--which student` for the student's; the student-only mask
-token is left out):
+`--format` (the layouts themselves, their keys and metadata, live in `ibot_engine.model.released.write_released`,
+the inverse of the reader `read_released`, so one table serves both directions):
 
-* `safetensors`: our own `VisionTransformer` key names; `VisionTransformer(arch, patch_size, img_size,
-  layerscale=...).load_state_dict(...)` takes it as is.
-* `timm`: timm's ViT key names (`patch_embed.proj.*`; everything else already matches). The file's metadata holds
-  `timm_name` (`timm_name(arch, patch_size, img_size)`) and `timm_kwargs` (JSON: img_size, patch_size, and
-  init_values when LayerScale is on), and
-  `timm.create_model(meta["timm_name"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))`
-  loads the file with `strict=True`; its `forward_features` then returns our backbone's tokens (same LayerNorm
-  eps 1e-6, exact GELU, qkv bias).
+* `ibot-engine` (alias `safetensors`, the name of this format for scripts written before; the file is the same):
+  safetensors with our `VisionTransformer` key names and every structural field (arch, patch and image size,
+  LayerScale, registers, position encoding, norm eps, FFN, K bias) in the metadata.
+* `timm` (the default): safetensors that `timm.create_model(meta["timm_name"], pretrained=False, num_classes=0,
+  **json.loads(meta["timm_kwargs"]))` loads with strict=True, and whose `forward_features` then returns our
+  backbone's tokens (a plain timm ViT for learned positions, registers as `reg_tokens`; timm's DINOv3 port for
+  RoPE).
+* `dinov2` / `dinov3`: the official hub layouts (plain `.pth` state dicts of tensors, as the official hub loaders
+  read them with `torch.load`).
+* `hf`: a Hugging Face transformers folder (config.json + model.safetensors; Dinov2Model, Dinov2WithRegistersModel
+  or DINOv3ViTModel by the model's structure).
 
-Every file's metadata also records the format, architecture, patch and image size, LayerScale, which backbone and
-the step. Files are written atomically.
-
-Checkpoints are read only through `ibot_engine.checkpoint.read_checkpoint` (this command, `ibot eval` and
-`ibot visualize` all use it), so a change of checkpoint format changes one function.
+Each layout is read back by `read_released` into the same model (registers, RoPE, the zeroed K bias included).
+The teacher's backbone is exported by default (`--which student` for the student's; our student-only mask token is
+left out). `--checkpoint` takes our checkpoints (run directory, sharded checkpoint directory, `.pt` file) first,
+else released weights (`ibot_engine.eval.features.read_model_source`; `--init-format`, auto-detected by default),
+so a released file can be converted from one layout to another. The safetensors formats' metadata also records
+which backbone, the step (ours) and the export format. Files are written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
-from safetensors.torch import save
 from torch import Tensor
 
-from ibot_engine.checkpoint import atomic_write, read_checkpoint
-from ibot_engine.config import Config
+from ibot_engine.config import ModelConfig
+from ibot_engine.eval.features import read_model_source, released_backbone_state, released_model_config
+from ibot_engine.model.released import WRITE_FORMATS, timm_spec, write_released
 
-FORMATS = ("timm", "safetensors")
-# The plain ViTs timm 1.0.31 registers for each of our archs, by (patch size, image size): the only table from our
-# arch names to timm's. Data rather than a `timm.list_models` query, since the engine does not depend on timm;
-# tests/tools/test_export.py checks it against the installed timm. CLIP / DINOv2 / DINOv3 / SigLIP / RoPE /
-# register / parallel-block variants are left out: their blocks or tokens differ from our ViT's.
-TIMM_VITS: dict[str, dict[tuple[int, int], str]] = {
-    "vit_tiny": {(16, 224): "vit_tiny_patch16_224", (16, 384): "vit_tiny_patch16_384"},
-    "vit_small": {(8, 224): "vit_small_patch8_224", (16, 224): "vit_small_patch16_224",
-                  (16, 384): "vit_small_patch16_384", (32, 224): "vit_small_patch32_224",
-                  (32, 384): "vit_small_patch32_384"},
-    "vit_base": {(8, 224): "vit_base_patch8_224", (16, 224): "vit_base_patch16_224",
-                 (16, 384): "vit_base_patch16_384", (32, 224): "vit_base_patch32_224",
-                 (32, 384): "vit_base_patch32_384"},
-    "vit_large": {(14, 224): "vit_large_patch14_224", (16, 224): "vit_large_patch16_224",
-                  (16, 384): "vit_large_patch16_384", (32, 224): "vit_large_patch32_224",
-                  (32, 384): "vit_large_patch32_384"},
-}
-# Ours -> timm; every other key of the backbone has the same name in both.
+ALIASES = {"safetensors": "ibot-engine"}  # the name `ibot export` gave our own layout before `ibot-engine`
+FORMATS = (*WRITE_FORMATS, *ALIASES)
+# Ours -> timm's plain `VisionTransformer` key names for the backbone alone (every other key of a plain ViT has the
+# same name in both): the renames lightly's peer (engine/bench) needs to move weights between the two in memory.
 _TIMM_RENAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}
 
 
@@ -66,7 +54,7 @@ def backbone_state(model_state: dict[str, Tensor], which: str = "teacher") -> di
 
 
 def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our backbone key names -> timm's `VisionTransformer` key names."""
+    """Our plain backbone's key names -> timm's `VisionTransformer` key names (in memory; files: `write_released`)."""
     return {_TIMM_RENAMES.get(k, k): v for k, v in state.items()}
 
 
@@ -76,80 +64,56 @@ def from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {ours.get(k, k): v for k, v in state.items()}
 
 
-def timm_name(arch: str, patch_size: int, img_size: int) -> str:
-    """timm's registered model name for our `arch` at `patch_size` and `img_size`.
-
-    The exact entry when timm registers one (vit_small/8/224 -> `vit_small_patch8_224`), otherwise the arch's entry
-    with the closest patch size, then the closest image size (ties: the smaller); the model is then built with
-    `patch_size=` and `img_size=` given to `timm.create_model` (see `timm_kwargs`). A ViT-tiny/8 at 32 px gives
-    `vit_tiny_patch16_224`, since timm has no tiny patch-8 model.
-
-    Args:
-        arch: our `model.arch` (`vit_tiny`, `vit_small`, `vit_base`, `vit_large`).
-        patch_size: our `model.patch_size`.
-        img_size: our `model.img_size`.
-
-    Returns:
-        A name from `TIMM_VITS`.
-
-    Raises:
-        ValueError: `arch` is not one of ours.
-    """
-    if arch not in TIMM_VITS:
-        raise ValueError(f"model.arch {arch!r} has no timm ViT; one of {sorted(TIMM_VITS)}")
-    entries = TIMM_VITS[arch]
-    p, s = min(entries, key=lambda e: (abs(e[0] - patch_size), abs(e[1] - img_size), e))
-    return entries[p, s]
-
-
-def timm_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of `timm.create_model(timm_name(...), pretrained=False, num_classes=0, **kwargs)` that
-    build our backbone: img_size and patch_size always (the file then states its geometry whatever the name's),
-    init_values when LayerScale is on. num_classes is left to the caller, so the call above has it once."""
-    kwargs: dict[str, Any] = {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size}
-    if cfg.model.layerscale > 0:
-        kwargs["init_values"] = cfg.model.layerscale
-    return kwargs
-
-
-def export_backbone(model_state: dict[str, Tensor], cfg: Config, out: str | Path, *, fmt: str = "timm",
-                    which: str = "teacher", step: int | None = None) -> Path:
-    """Write the backbone of `model_state` to `out` as safetensors in format `fmt` ('timm' or 'safetensors').
-
-    Only a `timm` file's metadata has `timm_name` and `timm_kwargs`: a `safetensors` file keeps our key names, which
-    timm's ViT does not load.
-    """
-    if fmt not in FORMATS:
+def canonical_format(fmt: str) -> str:
+    """The layout `fmt` names (`safetensors` -> `ibot-engine`)."""
+    fmt = ALIASES.get(fmt, fmt)
+    if fmt not in WRITE_FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {list(FORMATS)}")
-    state = backbone_state(model_state, which)
-    metadata = {
-        "format": fmt, "which": which, "arch": cfg.model.arch, "patch_size": str(cfg.model.patch_size),
-        "img_size": str(cfg.model.img_size), "layerscale": str(cfg.model.layerscale),
-        "step": "" if step is None else str(step),
-    }
-    if fmt == "timm":
-        state = to_timm(state)
-        metadata["timm_name"] = timm_name(cfg.model.arch, cfg.model.patch_size, cfg.model.img_size)
-        metadata["timm_kwargs"] = json.dumps(timm_kwargs(cfg))
-    # safetensors wants contiguous tensors that share no memory.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    data = save(tensors, metadata=metadata)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: f.write(data))
-    return out
+    return fmt
+
+
+def default_out(source: Path, stem: str, fmt: str) -> Path:
+    """Next to `source`: `<stem>_<fmt>` with the layout's suffix (.safetensors, .pth, or none for an hf folder)."""
+    suffix = {"hf": "", "dinov2": ".pth", "dinov3": ".pth"}.get(canonical_format(fmt), ".safetensors")
+    return source.parent / f"{stem}_{fmt}{suffix}"
+
+
+def export_backbone(state: dict[str, Tensor], model_cfg: ModelConfig, out: str | Path, *, fmt: str = "timm",
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write a backbone (`VisionTransformer` keys) of `model_cfg` to `out` in format `fmt` (see the module docstring);
+    `metadata` (strings) goes into the safetensors formats' metadata beside the structural fields."""
+    fmt = canonical_format(fmt)
+    return write_released(state, model_cfg, out, fmt, dict(metadata or {}))
 
 
 def export_main(args: argparse.Namespace) -> Path:
-    model_state, cfg, path = read_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else path.parent / f"{path.stem}_{args.which}_backbone_{args.format}.safetensors"
-    step = int(path.stem.split("_")[-1]) if path.stem.split("_")[-1].isdigit() else None
-    out = export_backbone(model_state, cfg, out, fmt=args.format, which=args.which, step=step)
-    print(f"exported the {args.which} backbone ({cfg.model.arch}/{cfg.model.patch_size}) to {out}")
-    if args.format == "timm":
-        name = timm_name(cfg.model.arch, cfg.model.patch_size, cfg.model.img_size)
-        kwargs = "".join(f", {k}={v!r}" for k, v in timm_kwargs(cfg).items())
-        print(f'load with: timm.create_model("{name}", pretrained=False, num_classes=0{kwargs})'
+    fmt = canonical_format(args.format)
+    source = read_model_source(args.checkpoint, getattr(args, "init_format", "auto"))
+    if source.released is not None:
+        released = source.released
+        model_cfg = released_model_config(released, ModelConfig())  # the file's structure at its native size
+        state = released_backbone_state(released, args.which)
+        which = args.which if released.teacher is not None else "backbone"  # a backbone-only file has one
+        metadata = {"which": which, "step": "", "source_format": released.format}
+        stem = source.path.stem
+    else:
+        model_cfg = source.cfg.model
+        state = backbone_state(source.state, args.which)
+        which = args.which
+        last = source.path.stem.split("_")[-1]  # step_00000007(.pt): the step
+        metadata = {"which": which, "step": str(int(last)) if last.isdigit() else ""}
+        stem = f"{source.path.stem}_{which}_backbone"
+    out = Path(args.out) if args.out else default_out(source.path, stem, args.format)
+    out = export_backbone(state, model_cfg, out, fmt=fmt, metadata=metadata)
+    what = "backbone" if which == "backbone" else f"{which} backbone"
+    print(f"exported the {what} of {source.path} ({model_cfg.arch}/{model_cfg.patch_size}) as {fmt} to {out}")
+    if fmt == "timm":
+        name, kwargs = timm_spec(model_cfg)
+        call = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        print(f'load with: timm.create_model("{name}", pretrained=False, num_classes=0{call})'
               ".load_state_dict(safetensors.torch.load_file(path), strict=True) "
               "(the file's metadata holds timm_name and timm_kwargs)")
+    elif fmt == "hf":
+        print("load with: transformers.AutoModel.from_pretrained(folder)")
     return out
+

@@ -1,8 +1,10 @@
 """`ibot visualize`: the cls token's self-attention per head in the last block (DINO's figure) and iBOT block masks.
 
-The attention weights of the last block are computed explicitly, softmax(q k^T / sqrt(d)) from that block's own
-qkv projection, since the model's forward goes through `scaled_dot_product_attention`, which never forms them.
-The PNG has two rows of square tiles:
+The attention weights of the last block are computed explicitly by the backbone (`attention_maps`:
+softmax(q k^T / sqrt(d)) from that block's own qkv projection, with RoPE and the zeroed K bias where the model has
+them), since the model's forward goes through `scaled_dot_product_attention`, which never forms them. The cls row
+is shown over the patch tokens only (register tokens, which start after cls, are left out). The PNG has two rows of
+square tiles:
 
 1. the input, the head-averaged cls attention over the patches, then one map per head;
 2. the input, then block masks drawn by the run's masking generator (`mask.*`, ratios spread over
@@ -10,7 +12,10 @@ The PNG has two rows of square tiles:
 
 Each map is normalised to its own [min, max] and upsampled (nearest) to the tile.
 
-Shapes: B images, H heads, T = 1 + N tokens, h x w patch grid.
+`--checkpoint` takes one of our checkpoints or released weights (features.py `read_model_source`; `--init-format`);
+for released weights the input side defaults to the file's native size, and the masks use the default mask config.
+
+Shapes: B images, H heads, T = 1 + R + N tokens (cls, R registers, N patches), h x w patch grid.
 """
 
 from __future__ import annotations
@@ -22,32 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
 
-from ibot_engine.checkpoint import read_checkpoint
-from ibot_engine.config import Config, MaskConfig
+from ibot_engine.config import Config, MaskConfig, load_config
 from ibot_engine.data.masking import official_masks
-from ibot_engine.eval.features import eval_transform, teacher_backbone
+from ibot_engine.eval.features import (
+    eval_transform,
+    read_model_source,
+    released_backbone,
+    released_model_config,
+    teacher_backbone,
+)
 from ibot_engine.model.vit import VisionTransformer
 
 PAD, LABEL = 8, 14
 # "inferno"-like ramp: dark purple -> red -> yellow.
 _STOPS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
-
-
-@torch.no_grad()
-def last_block_attention(backbone: VisionTransformer, images: Tensor) -> Tensor:
-    """Attention weights [B, H, T, T] of the last block (rows sum to 1), computed explicitly."""
-    x_BTD = backbone.prepare_tokens(images)
-    for block in backbone.blocks[:-1]:
-        x_BTD = block(x_BTD)
-    block = backbone.blocks[-1]
-    y_BTD = block.norm1(x_BTD)
-    B, T, D = y_BTD.shape
-    H = block.attn.num_heads
-    qkv = block.attn.qkv(y_BTD).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
-    q_BHTd, k_BHTd = qkv[0], qkv[1]
-    return (q_BHTd @ k_BHTd.transpose(-2, -1) * (D // H) ** -0.5).softmax(dim=-1)
 
 
 def colourise(map_hw: np.ndarray) -> np.ndarray:
@@ -121,9 +115,9 @@ def visualize(backbone: VisionTransformer, cfg: Config, image_path: str | Path, 
         raise ValueError(f"--image {str(image_path)!r}: cannot read it as an image: {err}") from err
     device = next(backbone.parameters()).device
     pixels = eval_transform(size)(image)[None].to(device)
-    attention = last_block_attention(backbone.eval(), pixels.float())  # fp32: exact weights
+    attention = backbone.eval().attention_maps(pixels.float())  # fp32: exact weights
     grid = (size // patch, size // patch)
-    cls_HN = attention[0, :, 0, 1:].float().cpu()
+    cls_HN = attention[0, :, 0, backbone.num_prefix_tokens :].float().cpu()
     masks, ratios = example_masks(cfg.mask, grid, backbone.blocks[-1].attn.num_heads + 1, cfg.train.seed)
     fig = draw_figure(image, cls_HN.reshape(-1, *grid).numpy(), masks, tile, ratios)
     out = Path(out)
@@ -135,10 +129,17 @@ def visualize(backbone: VisionTransformer, cfg: Config, image_path: str | Path, 
 def visualize_main(args: argparse.Namespace) -> Path:
     if not Path(args.image).is_file():
         raise ValueError(f"--image {args.image!r} does not exist or is not a file")
-    state, cfg, path = read_checkpoint(args.checkpoint)
+    source = read_model_source(args.checkpoint, getattr(args, "init_format", "auto"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = teacher_backbone(cfg, state, device, args.which)
-    out = Path(args.out) if args.out else path.parent / f"attention_{Path(args.image).stem}.png"
+    if source.released is not None:
+        cfg = load_config()
+        cfg.model = released_model_config(source.released, cfg.model, args.size, "--size")
+        cfg.data.global_size = cfg.model.img_size
+        backbone = released_backbone(source.released, cfg.model, device, args.which)
+    else:
+        cfg = source.cfg
+        backbone = teacher_backbone(cfg, source.state, device, args.which)
+    out = Path(args.out) if args.out else source.path.parent / f"attention_{Path(args.image).stem}.png"
     out = visualize(backbone, cfg, args.image, out, size=args.size, tile=args.tile)
     print(out)
     return out

@@ -60,6 +60,9 @@ def train(cfg: Config, initial_state: dict[str, Tensor] | None = None) -> dict[s
 def _train(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None) -> dict[str, Any]:
     run_dir = _prepare_run_dir(cfg, env)
     t = build_trainer(cfg, env, initial_state)
+    cfg = t.cfg  # resolved: with model.init_from, the model fields its file fixes
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     _resume(t, run_dir)
     amp_dtype = autocast_dtype(cfg.precision, env.device)
     _log_run_summary(t, amp_dtype)
@@ -144,11 +147,10 @@ class _Meter:
 
 
 def _prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
-    """The run directory, created with the resolved config.yaml in it (rank 0)."""
+    """The run directory, created (rank 0); `_train` writes the trainer's resolved config.yaml into it."""
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 

@@ -51,6 +51,8 @@ class Hyperparams:
     teacher_temp: float
     patch_teacher_temp: float
     freeze_last_layer: bool
+    freeze_backbone: bool = False  # train.freeze_backbone_steps: drop the student backbone's gradients this step
+    init_centers: bool = False  # loss.center_init=first_batch at step 0: centres <- this batch's teacher means
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
@@ -73,6 +75,8 @@ def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: in
                                                loss.warmup_patch_teacher_temp, loss.patch_teacher_temp,
                                                loss.teacher_temp_per_step),
         freeze_last_layer=step < o.freeze_last_layer_epochs * steps_per_epoch,
+        freeze_backbone=step < cfg.train.freeze_backbone_steps,
+        init_centers=step == 0 and loss.center_init == "first_batch" and loss.centering == "center",
     )
 
 

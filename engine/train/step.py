@@ -6,7 +6,9 @@ the masked global and the local crops, then the objective with the current centr
 plus KoLeo on the student's global cls tokens when `loss.koleo_weight > 0`. The caller runs backward and then, in
 this order: `model.update_centers(teacher, all_reduce_sum)` (EMA centres only), gradient clipping, the optimizer
 step, and the teacher EMA (`ibot_kernels.ema_update_`). Autocast, if any, is the caller's (the objective is fp32 inside
-whatever the logits' dtype).
+whatever the logits' dtype). Runs continued from released weights add two steps when their hyperparameters say so:
+`init_centers_` before the first loss (`hp.init_centers`) and `drop_backbone_gradients_` before clipping
+(`hp.freeze_backbone`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ibot_engine.config import Config
 from ibot_engine.data.batch import Batch
 from ibot_engine.distributed import all_gather_with_grad, all_reduce_sum, get_rank
 from ibot_engine.model.ibot import IBOT, TeacherOutput
-from ibot_engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets
+from ibot_engine.objective import IBOTLoss, ibot_loss, koleo_loss, sinkhorn_log_targets, update_centers_
 from ibot_engine.train.health import health_metrics
 from ibot_engine.train.optim import apply_hyperparams, clip_gradients_, last_layer_params
 from ibot_engine.train.parallel import clip_sharded_gradients_
@@ -100,6 +102,23 @@ def joined_teacher_outputs(teachers: list[TeacherOutput]) -> TeacherOutput:
     )
 
 
+@torch.no_grad()
+def init_centers_(model: IBOT, teacher: TeacherOutput) -> None:
+    """`loss.center_init=first_batch`: both centres <- the teacher's mean cls / patch logits of this batch over
+    every rank (the centre update with momentum 0: the same statistics and the same all-reduce)."""
+    update_centers_(model.cls_center, model.patch_center, teacher.cls_logits, teacher.patch_sum, teacher.patch_count,
+                    0.0, all_reduce_sum)
+
+
+def drop_backbone_gradients_(model: IBOT) -> None:
+    """`train.freeze_backbone_steps`: no update of the student backbone this step. AdamW skips a parameter without a
+    gradient entirely: no move, no weight decay, and no moment or step count updated, so the backbone's Adam state
+    starts when it unfreezes. (An lr of 0 would also keep it still, but its moments would take in the gradients of
+    the fresh heads and steer its first unfrozen steps.)"""
+    for p in model.student.backbone.parameters():
+        p.grad = None
+
+
 @contextlib.contextmanager
 def _gradient_sync(student: nn.Module, sync: bool) -> Iterator[None]:
     """Skip DDP's all-reduce / FSDP2's reduce-scatter of the gradients unless `sync` (the last micro-batch)."""
@@ -131,7 +150,11 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     computed over every micro-batch's teacher outputs at once; the gradients are synchronised over ranks only on
     the last micro-batch; clipping, the optimizer, the EMA and the logged losses follow the big batch. Not exact:
     KoLeo (its nearest neighbours are searched within each micro-batch), stochastic depth (its draws follow the
-    micro-batches) and DINOv2 masks (drawn per batch); the health metrics are the last micro-batch's."""
+    micro-batches) and DINOv2 masks (drawn per batch); the health metrics are the last micro-batch's.
+
+    Continuation (engine/train/continuation.py): with `hp.init_centers` (step 0 of `loss.center_init=first_batch`)
+    the centres are set to the whole batch's teacher means before the first loss; with `hp.freeze_backbone` the
+    student backbone's gradients are dropped before clipping (`drop_backbone_gradients_`)."""
     cfg, model = t.cfg, t.model
     batches = batch if isinstance(batch, list) else [batch]
     n = len(batches)
@@ -139,9 +162,13 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     teachers: list[TeacherOutput | None] = [None] * n
     targets: list[tuple[Tensor, Tensor] | None] = [None] * n
-    if cfg.loss.centering == "sinkhorn" and n > 1:  # the targets need the whole batch's teacher outputs first
+    sinkhorn_first = cfg.loss.centering == "sinkhorn" and n > 1  # targets need the whole batch's teacher outputs
+    if sinkhorn_first or hp.init_centers:
         with amp:
             teachers = [model.teacher_forward(b.global_crops, b.mask_indices) for b in batches]
+    if hp.init_centers:  # loss.center_init=first_batch: the first loss centres by this batch's own means
+        init_centers_(model, joined_teacher_outputs(teachers))
+    if sinkhorn_first:
         cls_targets, patch_targets = sinkhorn_targets(joined_teacher_outputs(teachers), hp)
         targets = list(zip(cls_targets.split([tt.cls_logits.shape[0] for tt in teachers]),
                            patch_targets.split([tt.patch_logits.shape[0] for tt in teachers]), strict=True))
@@ -163,6 +190,8 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     if cfg.loss.centering == "center":
         model.update_centers(teacher, all_reduce_sum)  # after the loss used the previous centres
     t.scaler.unscale_(t.optimizer)
+    if hp.freeze_backbone:  # before clipping: the frozen backbone's gradients neither count nor apply
+        drop_backbone_gradients_(model)
     clip = clip_sharded_gradients_ if cfg.distributed.strategy == "fsdp" else clip_gradients_
     grad_norm = clip(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
     if hp.freeze_last_layer:  # the step is known on the host: no sync to decide this

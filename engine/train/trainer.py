@@ -14,6 +14,7 @@ from ibot_engine.data.stream import BatchStream, build_data_stream
 from ibot_engine.distributed import DistEnv
 from ibot_engine.model.attention import check_attention
 from ibot_engine.model.ibot import IBOT, apply_train_options
+from ibot_engine.train.continuation import load_released_, resolve_start
 from ibot_engine.train.optim import build_optimizer
 from ibot_engine.train.parallel import apply_strategy, build_grad_scaler, check_strategy
 from ibot_engine.train.schedules import total_steps_for
@@ -44,9 +45,18 @@ def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | 
                   augmenter: Augmenter | None = None) -> Trainer:
     """`initial_state`: the model's starting weights (a full `IBOT` state dict, the same on every rank) in place of
     the config's random draw, loaded before the strategy wraps the model; a checkpoint resumed later replaces it.
-    `augmenter`: the data stream's augmenter in place of the one `data.augment` names (`build_data_stream`)."""
+    `augmenter`: the data stream's augmenter in place of the one `data.augment` names (`build_data_stream`).
+
+    With `model.init_from`, the weights come from that file (engine/train/continuation.py) and the trainer's `cfg`
+    is the config resolved from it (the model fields the file fixes, the effective freeze and centre rule): the
+    config the run saves, so that it resumes."""
     check_strategy(cfg, env)
     check_attention(cfg.model.attention, cfg.model.sdpa_backend, env.device)  # before the data and the model
+    if initial_state is not None and cfg.model.init_from:
+        raise ValueError(f"model.init_from={cfg.model.init_from!r} and initial_state both give the starting weights: "
+                         "pass one")
+    # Reads and checks model.init_from's file (unless a checkpoint will be resumed): before the data and the model.
+    cfg, released = resolve_start(cfg, Checkpointer(cfg.run.dir, cfg.checkpoint.keep))
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -60,6 +70,8 @@ def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | 
     model = IBOT(cfg.model, cfg.loss)
     if initial_state is not None:
         model.load_state_dict(initial_state, strict=True)
+    elif released is not None:
+        load_released_(model, released, cfg)
     model = model.to(env.device)
     apply_train_options(model, cfg.train)  # activation checkpointing, compile: before the DDP / FSDP2 wrap
     student = apply_strategy(model, cfg, env)  # engine/train/parallel.py: none, DDP or FSDP2 (teacher too)

@@ -1,5 +1,5 @@
-"""`ibot eval knn` / `ibot eval linear` on data of known structure, across 1 and 2 processes, and k-NN during
-training (`eval.knn_every`)."""
+"""`ibot eval knn` / `ibot eval linear` on data of known structure, across 1 and 2 processes, k-NN during training
+(`eval.knn_every`), and evaluation of released weights."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ibot_engine.checkpoint import Checkpointer
 from ibot_engine.cli import main
-from ibot_engine.config import ConfigError, load_config
+from ibot_engine.config import ConfigError, config_to_dict, load_config
 from ibot_engine.eval.linear import linear_probe
+from ibot_engine.model.ibot import IBOT
+from ibot_engine.model.released import write_released
 from ibot_engine.train.loop import train
 from tests.helpers import TINY_OVERRIDES, read_metrics
 
@@ -232,3 +235,59 @@ def test_knn_every_needs_held_out_folders_for_folder_data(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.train"):
         load_config(None, [f"data.path={tmp_path}", "eval.knn_every=10"])
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Released weights: how good is the released model on my data before I train?
+
+
+def test_knn_of_a_released_file_equals_the_knn_of_the_same_weights_as_our_checkpoint(tmp_path, capsys):
+    """A DINOv2-layout file (the loaders' writer) of a run's teacher backbone gets the k-NN of that run's checkpoint
+    on builtin:digits: the released path builds the same network at the file's native 32 px."""
+    cfg = load_config(None, [*TINY_OVERRIDES, "data.path=builtin:digits", f"run.dir={tmp_path / 'run'}"])
+    torch.manual_seed(0)
+    model = IBOT(cfg.model, cfg.loss)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    Checkpointer(tmp_path / "run").save(1, {"step": 1, "model": model.state_dict(), "config": config_to_dict(cfg)})
+    released = tmp_path / "dinov2_vitt8_pretrain.pth"
+    write_released(model.teacher.backbone.state_dict(), cfg.model, released, "dinov2")
+
+    ours = tmp_path / "ours.json"
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--out", str(ours)]) == 0
+    assert main(["eval", "knn", "--checkpoint", str(released), "--train", "builtin:digits:train",
+                 "--val", "builtin:digits:val"]) == 0
+    lines = KNN_LINE.findall(capsys.readouterr().out)
+    result = json.loads((tmp_path / "dinov2_vitt8_pretrain_knn.json").read_text())  # next to the file by default
+    assert (result["num_train"], result["num_val"]) == (1437, 360)
+    assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+    expected = json.loads(ours.read_text())
+    assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+    assert lines[0] == lines[1]
+
+
+def test_eval_of_a_released_file_at_another_size_and_its_errors(tmp_path, capsys):
+    model_cfg = load_config(None, TINY_OVERRIDES).model
+    torch.manual_seed(0)
+    released = tmp_path / "vit.pth"
+    write_released(IBOT(model_cfg, load_config().loss).teacher.backbone.state_dict(), model_cfg, released, "dinov2")
+    train_dir, val_dir = _folders(tmp_path)
+    out = tmp_path / "knn.json"
+    # 64 px: the position embedding is resampled once to the 8 x 8 grid (a 4 x 4 one would fail at this size).
+    argv = ["eval", "linear", "--checkpoint", str(released), "--train", str(train_dir), "--val", str(val_dir),
+            "--img-size", "64", "--epochs", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert LINEAR_LINE.search(capsys.readouterr().out)
+    assert json.loads(out.read_text())["checkpoint"] == str(released)
+
+    for argv, needle in (
+        (["eval", "knn", "--checkpoint", str(released)], "--train and --val are required"),
+        (["eval", "knn", "--checkpoint", str(released), "--train", str(train_dir), "--val", str(val_dir),
+          "--img-size", "30"], "--img-size 30 is not a positive multiple of the patch size 8"),
+        (["eval", "knn", "--checkpoint", str(released), "--init-format", "dinov3", "--train", str(train_dir),
+          "--val", str(val_dir)], "init_format=dinov3"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and str(released) in err, err
