@@ -63,7 +63,8 @@ from ibot_engine.data.stream import build_data_stream
 from ibot_engine.eval.features import extract_features, teacher_backbone
 from ibot_engine.eval.knn import weighted_knn
 from ibot_engine.model.ibot import IBOT
-from ibot_engine.tools.export import backbone_state, to_timm
+from ibot_engine.model.released import to_timm
+from ibot_engine.tools.export import backbone_state
 from ibot_engine.train.loop import train
 
 RECIPE = "launch/configs/digits.yaml"  # ours: the repository's 64 px recipe (`repo_file`)

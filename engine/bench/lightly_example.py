@@ -39,8 +39,7 @@ import torch
 from torch import Tensor
 
 from ibot_engine.bench.timing import BenchSetupError
-from ibot_engine.model.released import timm_name
-from ibot_engine.tools.export import from_timm
+from ibot_engine.model.released import from_timm, timm_name
 from ibot_engine.train.health import HEALTH_KEYS, health_metrics
 
 if TYPE_CHECKING:

@@ -891,6 +891,17 @@ def _to_timm(state: dict[str, Tensor], c: ModelConfig) -> dict[str, Tensor]:
     return {_to_official(k, "reg_token"): v for k, v in state.items()}
 
 
+def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our backbone's key names -> timm's `VisionTransformer` ones, in memory (the renames only: for a plain ViT the
+    tensors are the same in both; files go through `write_released`)."""
+    return {_to_official(k, "reg_token"): v for k, v in state.items()}
+
+
+def from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm's `VisionTransformer` key names -> ours, in memory (the inverse of `to_timm`)."""
+    return {_rename(k): v for k, v in state.items()}
+
+
 def _to_official(key: str, registers: str) -> str:
     if key.startswith("patch_embed."):
         return key.replace("patch_embed.", "patch_embed.proj.", 1)

@@ -36,9 +36,6 @@ from ibot_engine.model.released import WRITE_FORMATS, timm_spec, write_released
 
 ALIASES = {"safetensors": "ibot-engine"}  # the name `ibot export` gave our own layout before `ibot-engine`
 FORMATS = (*WRITE_FORMATS, *ALIASES)
-# Ours -> timm's plain `VisionTransformer` key names for the backbone alone (every other key of a plain ViT has the
-# same name in both): the renames lightly's peer (engine/bench) needs to move weights between the two in memory.
-_TIMM_RENAMES = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}
 
 
 def backbone_state(model_state: dict[str, Tensor], which: str = "teacher") -> dict[str, Tensor]:
@@ -51,17 +48,6 @@ def backbone_state(model_state: dict[str, Tensor], which: str = "teacher") -> di
         raise ValueError(f"the checkpoint's model state has no {prefix}* keys")
     state.pop("mask_token", None)
     return state
-
-
-def to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our plain backbone's key names -> timm's `VisionTransformer` key names (in memory; files: `write_released`)."""
-    return {_TIMM_RENAMES.get(k, k): v for k, v in state.items()}
-
-
-def from_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """timm's `VisionTransformer` key names -> our backbone key names (the inverse of `to_timm`)."""
-    ours = {timm: mine for mine, timm in _TIMM_RENAMES.items()}
-    return {ours.get(k, k): v for k, v in state.items()}
 
 
 def canonical_format(fmt: str) -> str:

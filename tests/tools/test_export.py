@@ -24,10 +24,11 @@ from ibot_engine.model.released import (
     read_released,
     timm_name,
     timm_spec,
+    to_timm,
     write_released,
 )
 from ibot_engine.model.vit import ARCHS, VisionTransformer
-from ibot_engine.tools.export import ALIASES, backbone_state, to_timm
+from ibot_engine.tools.export import ALIASES, backbone_state
 from tests.helpers import tiny_config
 
 timm = pytest.importorskip("timm")
