@@ -38,6 +38,12 @@ class TrainConfig:
     """Optimizer steps to run. 0 means `train.epochs` epochs of the dataset."""
     epochs: float = 100.0
     """Used only when `train.steps` is 0: the run length in epochs of the dataset."""
+    schedule_unit: Literal["epochs", "run"] = "epochs"
+    """Unit of the warm-up lengths `optim.warmup_epochs`, `optim.freeze_last_layer_epochs` and
+    `loss.warmup_teacher_temp_epochs`: epochs of the data set (official), or run: fractions in [0, 1] of the run's
+    steps (0.1: the first 10%), so that one recipe holds at any data set size and run length. run needs
+    `loss.teacher_temp_per_step=true`: the official temperature staircase moves once per epoch, and a fraction of a
+    short run rounds to a warm-up of 0 or 1 whole epochs."""
     batch_size: int = 64
     """Images per GPU (per process)."""
     log_every: int = 10
@@ -155,6 +161,10 @@ class DataConfig:
     num_local: int = 10
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
+    """Area fraction range of the local crops (official: 0.05-0.25). [0, 0]: auto, resolved by load_config to
+    (0.8 r2, min(1, 2 r2)) with r2 = (local_size / global_size) ** 2, rounded to 4 decimals (64 / 32 px: 0.2-0.5;
+    224 / 96 px: 0.1469-0.3673): r2 is the area at which a local crop shows the image at the pixel density of a
+    full-image global crop, and much smaller crops only upsample a few source pixels into a featureless blob."""
     num_workers: int = 4
     """DataLoader worker processes per rank (0 loads in the training process)."""
     builtin_size: int = 2000
@@ -169,6 +179,14 @@ class DataConfig:
     """Samples held by each worker's shuffle buffer (0 or 1: shard order only)."""
     epoch_samples: int = 0
     """Samples per epoch; 0: the manifest's total (needed when the shards have no manifest)."""
+    color_jitter_prob: float = 0.8
+    """Probability of the colour jitter (brightness, contrast, saturation, hue) per view (official: 0.8)."""
+    grayscale_prob: float = 0.2
+    """Probability of turning a view grey (official: 0.2)."""
+    blur_prob: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Probability of the Gaussian blur on global view 1, global view 2 and the local views (official)."""
+    solarize_prob: float = 0.2
+    """Probability of solarizing global view 2 (official: 0.2)."""
     augment: Literal["cpu", "gpu"] = "cpu"
     """cpu: the recipe on uint8 arrays in the workers (engine/data/cpu_aug.py: OpenCV and torch kernels, ~3x the
     official PIL transforms per core); gpu: batched crops and colour ops on the training device
@@ -201,6 +219,8 @@ class LossConfig:
     patch_teacher_temp: float = 0.07
     warmup_patch_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30.0
+    """Teacher temperature warm-up from the warmup_* values, in epochs (or a fraction of the run:
+    `train.schedule_unit`)."""
     teacher_temp_per_step: bool = False
     """False: the official per-epoch linspace; True: per-step linear warm-up (DINOv2, lightly)."""
     lambda_cls: float = 1.0
@@ -228,7 +248,12 @@ class OptimConfig:
     """Base learning rate for a total batch of 256; the peak is lr * total_batch / 256. Continuation default
     (`model.init_from`): CONTINUE_DEFAULTS (1e-4)."""
     min_lr: float = 1e-6
+    """The lr the cosine ends at, as is (not scaled by the batch) unless `optim.scale_min_lr`."""
+    scale_min_lr: bool = False
+    """Read `optim.min_lr` per 256 images like `optim.lr` (min_lr * total_batch / 256), so that lr = min_lr is a
+    constant lr at any batch size."""
     warmup_epochs: float = 10.0
+    """Linear lr warm-up from 0, in epochs (or a fraction of the run: `train.schedule_unit`)."""
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     decay_all: bool = False
@@ -240,7 +265,8 @@ class OptimConfig:
     clip_mode: Literal["global", "per_param"] = "global"
     """global: one norm over all gradients (DINOv2, lightly); per_param: each tensor on its own (official)."""
     freeze_last_layer_epochs: float = 1.0
-    """Drop the head's last-layer gradients during this many first epochs."""
+    """Drop the head's last-layer gradients during this many first epochs (or this fraction of the run:
+    `train.schedule_unit`)."""
     layer_decay: float = 1.0
     """Layer-wise lr decay (DINOv2, BEiT): a parameter of layer l gets lr x layer_decay ** (depth + 1 - l), where the
     patch embedding, cls / register / mask tokens and position embedding are layer 0, block i is layer i + 1, and
@@ -430,7 +456,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
 
 
 def _check(cfg: Config) -> None:
-    """Cross-field validation; each error names its key. Resolves the automatic values (data.local_size 0)."""
+    """Cross-field validation; each error names its key. Resolves the automatic values (data.local_size 0,
+    data.local_scale [0, 0])."""
 
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
@@ -452,6 +479,11 @@ def _check(cfg: Config) -> None:
     positive("data.local_size", cfg.data.local_size, allow_zero=True)
     if cfg.data.local_size == 0:  # auto: the usual 96 px, on the patch grid (DINOv2 uses 98 at patch 14)
         cfg.data.local_size = max(1, round(96 / cfg.model.patch_size)) * cfg.model.patch_size
+    positive("data.global_size", cfg.data.global_size)
+    if cfg.data.local_scale == (0, 0):  # auto: around the area of equal pixel density (DataConfig.local_scale)
+        r2 = (cfg.data.local_size / cfg.data.global_size) ** 2
+        # min clamped too: a local crop larger than the global one gets the whole image
+        cfg.data.local_scale = (round(min(1.0, 0.8 * r2), 4), round(min(1.0, 2.0 * r2), 4))
     for key in ("data.global_size", "data.local_size", "model.img_size"):
         size = cfg.data.global_size if key == "data.global_size" else (
             cfg.data.local_size if key == "data.local_size" else cfg.model.img_size)
@@ -466,7 +498,14 @@ def _check(cfg: Config) -> None:
     positive("data.epoch_samples", cfg.data.epoch_samples, allow_zero=True)
     for key, (lo, hi) in (("data.global_scale", cfg.data.global_scale), ("data.local_scale", cfg.data.local_scale)):
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+            auto = " ([0, 0]: auto from the crop sizes)" if key == "data.local_scale" else ""
+            raise ConfigError(f"config key '{key}' must satisfy 0 < min <= max <= 1{auto}, got {(lo, hi)}")
+    probs = {"data.color_jitter_prob": cfg.data.color_jitter_prob, "data.grayscale_prob": cfg.data.grayscale_prob,
+             "data.solarize_prob": cfg.data.solarize_prob,
+             **{f"data.blur_prob[{i}]": p for i, p in enumerate(cfg.data.blur_prob)}}
+    for key, p in probs.items():
+        if not 0 <= p <= 1:
+            raise ConfigError(f"config key '{key}' is a probability in [0, 1], got {p}")
     if not 0 <= cfg.mask.probability <= 1:
         raise ConfigError(f"config key 'mask.probability' must be in [0, 1], got {cfg.mask.probability}")
     if not 0 <= cfg.mask.ratio_min <= cfg.mask.ratio_max < 1:
@@ -486,6 +525,16 @@ def _check(cfg: Config) -> None:
     positive("optim.layer_decay", cfg.optim.layer_decay)
     positive("optim.patch_embed_lr_mult", cfg.optim.patch_embed_lr_mult, allow_zero=True)
     positive("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps, allow_zero=True)
+    if cfg.train.schedule_unit == "run":
+        for key in ("optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.warmup_teacher_temp_epochs"):
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"config key '{key}' is a fraction of the run in [0, 1] under "
+                                  f"train.schedule_unit=run, got {value}")
+        if not cfg.loss.teacher_temp_per_step:
+            raise ConfigError("config key 'train.schedule_unit' = run needs loss.teacher_temp_per_step=true (the "
+                              "per-epoch temperature staircase has no fraction-of-the-run form)")
     if not 0 <= cfg.optim.momentum_teacher <= cfg.optim.momentum_teacher_end <= 1:
         raise ConfigError(
             "config keys 'optim.momentum_teacher' <= 'optim.momentum_teacher_end' must lie in [0, 1], got "
@@ -542,24 +591,48 @@ def _leaf_keys(key: str, value: Any) -> list[str]:
     return [key]
 
 
+def _read_config_chain(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML mappings to apply, in order: a file's `base` (and its bases) first, then the file itself.
+
+    `base: NAME` names another config: a path relative to the file's folder, or the name of a config shipped in
+    the package (`small_data` is engine/configs/small_data.yaml), so that a recipe for one data set holds only what
+    differs from the general one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r}: its 'base' chain comes back to it")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return [(path, data)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'base' names another config file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        from ibot_engine.configs import config_path  # packaged recipes, e.g. `base: small_data`
+
+        base_path = config_path(base)
+        if base_path is None:
+            raise ConfigError(f"{path}: 'base' = {base!r} is neither a file next to it nor a packaged config")
+    return [*_read_config_chain(base_path, (*seen, path.resolve())), (path, data)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated. With `model.init_from` set,
-    the keys of `CONTINUE_DEFAULTS` that neither the file nor an override sets take its values."""
+    """Defaults, then the YAML file at `path` (after its `base` chain), then `key=value` overrides; validated. With
+    `model.init_from` set, the keys of `CONTINUE_DEFAULTS` that neither the file nor an override sets take its
+    values."""
     cfg = Config()
     user_keys: set[str] = set()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for source, data in _read_config_chain(path) if path is not None else []:
         for key, value in data.items():
             try:
                 _set(cfg, str(key), value)
             except ConfigError as err:
-                raise ConfigError(f"{path}: {err}") from None
+                raise ConfigError(f"{source}: {err}") from None
             user_keys.update(_leaf_keys(str(key), value))
     for key, value in parse_overrides(overrides or []):
         _set(cfg, key, value)

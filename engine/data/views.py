@@ -39,7 +39,7 @@ P_SOLARIZE = 17
 NUM_PARAMS = 18
 
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (official)
-P_JITTER_APPLY, P_GRAY_APPLY, P_FLIP_APPLY = 0.8, 0.2, 0.5
+P_FLIP_APPLY = 0.5  # the jitter, grey, blur and solarize probabilities are DataConfig fields (official defaults)
 SIGMA_RANGE = (0.1, 2.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop
@@ -49,8 +49,9 @@ _UNIFORMS_PER_VIEW = _CROP_UNIFORMS + 14  # flip, jitter, 4 factors, grey, blur,
 
 def view_probabilities(cfg: DataConfig) -> list[tuple[float, float]]:
     """(blur p, solarize p) of each of the G + L views: global views alternate the two official pipelines."""
-    globals_ = [(1.0, 0.0) if g % 2 == 0 else (0.1, 0.2) for g in range(cfg.num_global)]
-    return globals_ + [(0.5, 0.0)] * cfg.num_local
+    blur_1, blur_2, blur_local = cfg.blur_prob
+    globals_ = [(blur_1, 0.0) if g % 2 == 0 else (blur_2, cfg.solarize_prob) for g in range(cfg.num_global)]
+    return globals_ + [(blur_local, 0.0)] * cfg.num_local
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], u: list[float]) -> tuple[int, int, int, int]:
@@ -108,13 +109,13 @@ def view_param_rows(height: int, width: int, cfg: DataConfig, seed: int) -> list
         row = [0.0] * NUM_PARAMS
         row[P_BOX] = box
         row[P_FLIP] = float(u[0] < P_FLIP_APPLY)
-        row[P_JITTER] = float(u[1] < P_JITTER_APPLY)
+        row[P_JITTER] = float(u[1] < cfg.color_jitter_prob)
         row[P_ORDER] = order
         row[P_BRIGHTNESS] = 1 - b + 2 * b * u[2]
         row[P_CONTRAST] = 1 - c + 2 * c * u[3]
         row[P_SATURATION] = 1 - s + 2 * s * u[4]
         row[P_HUE] = -hue + 2 * hue * u[5]
-        row[P_GRAY] = float(u[6] < P_GRAY_APPLY)
+        row[P_GRAY] = float(u[6] < cfg.grayscale_prob)
         row[P_BLUR] = float(u[7] < p_blur)
         row[P_SIGMA] = SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * u[8]
         row[P_SOLARIZE] = float(u[9] < p_solarize)

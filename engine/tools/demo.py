@@ -1,39 +1,37 @@
 """`ibot demo`: pretrain a ViT-tiny on real scans (`builtin:digits`) and show that it learned something.
 
-k-NN of the teacher's features before (random init) and after pretraining, beside the k-NN of random features (the
-same ViT at random init without LayerScale, whose 1e-5 start gives every image nearly the same feature: a much
-stronger baseline than the init), the training throughput, any collapse warning, and PNGs in the run directory: the
-k-NN before and after with the random-features line (knn.png), the loss (loss.png) and the training health
-(health.png). Runs on CPU (a few minutes on 2 cores) or on a GPU.
+The run measures it (`eval.knn_every`; when the config leaves it at 0, the demo sets it so that the k-NN runs at step
+0 and at the last step): the k-NN of the teacher's features before (random init) and after pretraining, beside the
+k-NN of random features (the same ViT at random init without LayerScale, whose 1e-5 start gives every image nearly
+the same feature: a much stronger baseline than the init) and of the raw pixels, all in metrics.jsonl
+(engine/eval/knn.py). The demo prints them from there, with the training throughput and any collapse warning, writes
+them as knn_before.json, knn_after.json and knn_random_features.json, and draws PNGs in the run directory: the k-NN
+with the baselines' lines (knn.png), the loss (loss.png) and the training health (health.png). Runs on CPU (a few
+minutes on 2 cores) or on a GPU.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from ibot_engine.checkpoint import read_checkpoint
 from ibot_engine.config import Config, save_config
-from ibot_engine.distributed import init_distributed, teardown
-from ibot_engine.eval.command import evaluate
-from ibot_engine.eval.features import teacher_backbone
+from ibot_engine.eval.knn import format_knn
 from ibot_engine.tools.plot import plot_health_run, plot_knn_run, plot_run, read_metrics
 from ibot_engine.train.loop import train
 
 
-def _teacher_knn(cfg: Config, state: dict[str, Any] | None, out: Path, checkpoint: str | None = None) -> dict:
-    """What `ibot eval knn` gives with its defaults (`--random-init` when `state` is None, else `--checkpoint`):
-    the k-NN of the teacher backbone on the built-in splits, its JSON result also written to `out`."""
-    env = init_distributed()
-    try:
-        backbone = teacher_backbone(cfg, state, env.device)
-        return evaluate("knn", cfg, backbone, env, out, checkpoint=checkpoint, precision="auto")
-    finally:
-        teardown()
+def _logged_knn(record: dict[str, Any], prefix: str, out: Path, title: str) -> dict[str, float]:
+    """The k-NN `{prefix}_top1` / `_top5` of a metrics record, printed under `title` in the line `ibot eval knn`
+    prints, and written to `out` (JSON)."""
+    result = {"top1": record[f"{prefix}_top1"], "top5": record[f"{prefix}_top5"], "step": record["step"]}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"== {title}\n{format_knn(result)}")
+    return result
 
 
 def run_demo(cfg: Config) -> dict:
@@ -41,22 +39,20 @@ def run_demo(cfg: Config) -> dict:
     if (run_dir / "metrics.jsonl").exists() and (run_dir / "config.yaml").exists():
         shutil.rmtree(run_dir)  # a previous demo run: start over so the numbers are this run's
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    save_config(cfg, cfg_path)
+    if not cfg.eval.knn_every:
+        cfg.eval.knn_every = cfg.train.steps or 10**9  # the k-NN at step 0 (with the baselines) and the last step
+    save_config(cfg, run_dir / "config.yaml")
     start = time.perf_counter()
-    print("== k-NN of the randomly initialised teacher (before pretraining)")
-    before = _teacher_knn(cfg, None, run_dir / "knn_before.json")
-    random_features = None
-    if cfg.model.layerscale:
-        print("== k-NN of random features (the same ViT at random init without LayerScale)")
-        no_layerscale = copy.deepcopy(cfg)
-        no_layerscale.model.layerscale = 0.0
-        random_features = _teacher_knn(no_layerscale, None, run_dir / "knn_random_features.json")
     print(f"== pretraining {cfg.model.arch}/{cfg.model.patch_size} with iBOT")
     last = train(cfg)
-    print("== k-NN of the pretrained teacher")
-    state, trained_cfg, _ = read_checkpoint(run_dir)
-    after = _teacher_knn(trained_cfg, state, run_dir / "knn_after.json", checkpoint=str(run_dir))
+    first = read_metrics(run_dir)[0]  # step 0: the teacher at random init and the baselines
+    before = _logged_knn(first, "knn", run_dir / "knn_before.json",
+                         "k-NN of the randomly initialised teacher (before pretraining)")
+    random_features = None
+    if cfg.model.layerscale:  # without LayerScale, random features are the init
+        random_features = _logged_knn(first, "knn_random", run_dir / "knn_random_features.json",
+                                      "k-NN of random features (the same ViT at random init without LayerScale)")
+    after = _logged_knn(last, "knn", run_dir / "knn_after.json", "k-NN of the pretrained teacher")
     png, knn_png, health_png = plot_run(run_dir), plot_knn_run(run_dir), plot_health_run(run_dir)
     rates = [r["img_per_s"] for r in read_metrics(run_dir)[1:] if "img_per_s" in r] or [0.0]
     print(
@@ -66,6 +62,7 @@ def run_demo(cfg: Config) -> dict:
         f"(top-5 {before['top5']:.1f}% -> {after['top5']:.1f}%)\n"
         + (f"   random features (no LayerScale, untrained): {random_features['top1']:.1f}%\n" if random_features
            else "")
+        + (f"   raw pixels: {first['knn_pixels_top1']:.1f}%\n" if "knn_pixels_top1" in first else "")
         + f"   collapse warnings: {'; '.join(last.get('collapse') or []) or 'none'}\n"
         f"   k-NN before/after (figure): {knn_png}\n   loss curve: {png}\n   training health: {health_png}\n"
         f"   run directory: {run_dir}"

@@ -2,8 +2,9 @@
 
 Figures are built on `matplotlib.figure.Figure` and saved through the Agg canvas: no pyplot, so no display is needed
 and the caller's own matplotlib backend is left alone. Legends sit to the right of the axes, off the data; tick values
-come from matplotlib's locators (round numbers). The k-NN figure also shows the demo's one-off results when the run
-directory holds them (`ibot demo`: before and after pretraining, and the random-features baseline).
+come from matplotlib's locators (round numbers). The k-NN figure draws the baselines a run logs at step 0 as horizontal
+lines (`knn_random_top1`: random features; `knn_pixels_top1`: raw pixels; engine/eval/knn.py), and the one-off
+results of older demo run directories (before and after pretraining, random features) where metrics.jsonl lacks them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ HEALTH_PANELS = (
     ("std of the unit cls embeddings over the batch (0 = collapse)", ("student_cls_std", "teacher_cls_std")),
     ("centre norms", ("cls_center_norm", "patch_center_norm")),
 )
+# Step-0 baselines drawn as horizontal lines: (metrics key, demo result standing in for it, label, style).
+KNN_BASELINES = (("knn_random_top1", "random_features", "random features, untrained\n(no LayerScale)", "grey", "--"),
+                 ("knn_pixels_top1", None, "raw pixels", "tab:brown", "-."))
 # The demo's k-NN results (engine/tools/demo.py writes them next to metrics.jsonl).
 DEMO_KNN_FILES = {"before": "knn_before.json", "after": "knn_after.json",
                   "random_features": "knn_random_features.json"}
@@ -109,9 +113,9 @@ def curves_figure(records: list[dict], title: str = "iBOT loss", series: tuple[s
 
 
 def knn_figure(records: list[dict], demo: dict[str, float] | None = None, title: str = "k-NN accuracy") -> Figure:
-    """k-NN accuracy (percent) against step: the k-NN logged during training (`eval.knn_every`) and, from the demo,
-    top-1 before pretraining (at step 0) and after (at the last step), joined by a line, with the random-features
-    top-1 as a dashed horizontal line.
+    """k-NN accuracy (percent) against step: the k-NN logged during training (`eval.knn_every`), the step-0 baselines
+    (KNN_BASELINES) as horizontal lines and, from `demo` where the records lack them, top-1 before pretraining (at
+    step 0) and after (at the last step), joined by a line, and the random-features top-1.
 
     Raises:
         ValueError: neither the records nor `demo` hold a k-NN result.
@@ -120,7 +124,8 @@ def knn_figure(records: list[dict], demo: dict[str, float] | None = None, title:
     fig, (ax,) = _new_figure(_SIZE)
     drawn = _draw_series(ax, records, KNN_SERIES)
     last = max((r["step"] for r in records), default=1)
-    ends = [(name, step, demo[name]) for name, step in (("before", 0), ("after", last)) if name in demo]
+    logged = any("knn_top1" in r for r in records)  # the demo's before / after are this curve's ends
+    ends = [(name, step, demo[name]) for name, step in (("before", 0), ("after", last)) if name in demo and not logged]
     if ends:
         # Dotted: only the two ends were measured, the straight line between them is no curve.
         ax.plot([s for _, s, _ in ends], [v for _, _, v in ends], color="black", linewidth=1.5, linestyle=":",
@@ -129,10 +134,11 @@ def knn_figure(records: list[dict], demo: dict[str, float] | None = None, title:
             ax.annotate(f"{name}: {value:.1f}%", (step, value), textcoords="offset points", xytext=(0, 9),
                         ha="left" if name == "before" else "right", fontsize=9)
         drawn += 1
-    if "random_features" in demo:
-        ax.axhline(demo["random_features"], color="grey", linestyle="--", linewidth=1.5,
-                   label=f"random features, untrained\n(no LayerScale): {demo['random_features']:.1f}%")
-        drawn += 1
+    for key, demo_name, label, color, style in KNN_BASELINES:
+        value = next((r[key] for r in records if key in r), demo.get(demo_name))
+        if value is not None:
+            ax.axhline(value, color=color, linestyle=style, linewidth=1.5, label=f"{label}: {value:.1f}%")
+            drawn += 1
     if not drawn:
         raise ValueError("no k-NN results to plot (knn_top1 in metrics.jsonl or the demo's knn_*.json)")
     ax.set_ylim(0, 105)  # the whole 0-100% scale: how far a result is from chance and from perfect reads at a glance
@@ -175,8 +181,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def plot_knn_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """k-NN top-1 / top-5 (percent) against step, with the demo's before / after / random-features results when the
-    run directory holds them, to RUN_DIR/knn.png; None when the run has no k-NN result."""
+    """k-NN top-1 / top-5 (percent) against step, with the step-0 baselines and the results of an older demo run
+    directory (`knn_figure`), to RUN_DIR/knn.png; None when the run has no k-NN result."""
     records = read_metrics(run_dir)
     demo = read_demo_knn(run_dir)
     if not demo and not any("knn_top1" in r for r in records):

@@ -6,6 +6,10 @@ checkpoint of that state is written: the run rolls back to the last good checkpo
 there (`train.on_nonfinite=rollback`, at most `train.max_rollbacks` times), or stops with a clear error. A stop
 signal (SIGTERM, SIGUSR1: engine/preempt.py) ends the run after a step all ranks agree on, with a checkpoint of it,
 and `Preempted` (exit code 75: requeue me).
+
+With `eval.knn_every`, a fresh run's step-0 record holds the teacher's k-NN at random init and what it must beat
+(engine/eval/knn.py: `knn_random_*` random features, `knn_pixels_*` raw pixels); the run ends with one block that
+says by how many points the teacher's k-NN beats each, also returned as `baselines` in `train`'s result.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, initial_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
-    """Run (or resume) a pretraining run; returns the last logged metrics. `initial_state`: starting weights in place
-    of the random draw (`build_trainer`), e.g. another implementation's draw for a paired comparison."""
+    """Run (or resume) a pretraining run; returns the last logged metrics (with `eval.knn_every`, also `baselines`: the
+    step-0 k-NN of random features and raw pixels and the teacher's final lead over each, `_knn_summary`).
+    `initial_state`: starting weights in place of the random draw (`build_trainer`), e.g. another implementation's
+    draw for a paired comparison."""
     env = init_distributed()
     setup_logging(env.rank)
     try:
@@ -80,8 +86,12 @@ def _train(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None) -
     last: dict[str, Any] = {}
     meter = _Meter(run_start_step=t.step)
     t.model.train()
-    if knn is not None and t.step == 0:  # the random-init baseline the k-NN curve starts from
-        metrics.log({"step": 0, **_teacher_knn(t, knn, first=True)}, eta_s=0.0)
+    first: dict[str, Any] = {}  # the step-0 record of a fresh run: the k-NN at random init and the baselines
+    if knn is not None and t.step == 0:  # where the k-NN curve starts from, and what it must beat
+        first = {"step": 0, **_teacher_knn(t, knn, first=True), **knn.baselines(env)}
+        metrics.log(first, eta_s=0.0)
+        log.info("k-NN top-1 for the teacher to beat: %s",
+                 ", ".join(f"{base} {value:.1f}%" for base, _, value in _baselines(first)))
         meter.restart()
     data_iter, rollbacks = iter(t.data), 0
     stop = StopSignal(env.world_size)  # SIGTERM / SIGUSR1 from here on: checkpoint at a step boundary, then stop
@@ -125,6 +135,10 @@ def _train(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | None) -
         log.info("done: %d steps, final loss %.4f", t.step, last["loss"])
     if last:
         last["collapse"] = list(detector.fired)  # every collapse reported during this run (empty: none)
+    if "knn_top1" in last:
+        # A resumed run reads its step-0 record back (rank 0's file, for all ranks).
+        first = first or broadcast_object(_step0_record(run_dir) if env.is_main else None) or {}
+        last["baselines"] = _knn_summary(last, first, cfg.eval.features)
     return last
 
 
@@ -231,6 +245,38 @@ def _teacher_knn(t: Trainer, knn: KnnEvaluator, first: bool = False) -> dict[str
         with torch.no_grad():
             t.model.teacher(torch.zeros(1, 3, size, size, device=t.env.device), None)
     return knn(t.model.teacher, t.env)
+
+
+def _baselines(first: dict[str, Any], suffix: str = "") -> list[tuple[str, str, float]]:
+    """(label, name, top-1) of each baseline the step-0 record `first` holds, for the teacher's features
+    eval.features (`suffix` "") or cls+patch (`_clspatch`)."""
+    keys = (("random features", f"random{suffix}", f"knn_random{suffix}_top1"),
+            ("raw pixels", f"pixels{suffix}", "knn_pixels_top1"))
+    return [(label, name, first[key]) for label, name, key in keys if key in first]
+
+
+def _knn_summary(last: dict[str, Any], first: dict[str, Any], features: str) -> dict[str, float]:
+    """Logs the teacher's k-NN top-1 at the end (eval.features and cls+patch) against the baselines of the step-0
+    record `first`; returns those baselines and `beats_random`, `beats_pixels` (+ `_clspatch`): the teacher's top-1
+    minus each, in points (negative: it falls short)."""
+    out = {k: v for k, v in first.items() if k.startswith(("knn_random_", "knn_pixels_"))}
+    lines = []
+    for label, suffix in ((features, ""), ("cls+patch", "_clspatch")):
+        top1, found = last[f"knn{suffix}_top1"], _baselines(first, suffix)
+        out.update({f"beats_{name}": top1 - value for _, name, value in found})
+        lines.append(f"  teacher {label:<9} {top1:5.1f}%" +
+                     "".join(f"   {base} {value:.1f}% ({top1 - value:+.1f})" for base, _, value in found))
+    log.info("k-NN top-1 on the held-out set at step %d, against random features (no LayerScale, untrained) and "
+             "raw pixels, measured at step 0 (the teacher's lead in points):\n%s", last["step"],
+             "\n".join(dict.fromkeys(lines)))  # eval.features=cls+patch: its two lines are one
+    return out
+
+
+def _step0_record(run_dir: Path) -> dict[str, Any]:
+    """The step-0 k-NN record of RUN_DIR/metrics.jsonl (the teacher at random init and the baselines), or {}."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return next((r for r in records if r["step"] == 0 and "knn_top1" in r), {})
 
 
 def _metrics_record(t: Trainer, hp: Hyperparams, losses: IBOTLoss, grad_norm: Tensor, stats: Tensor,

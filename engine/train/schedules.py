@@ -3,7 +3,8 @@
 Official iBOT semantics (bytedance/ibot `main_ibot.py`, `utils.cosine_scheduler`): lr linear warm-up from 0 then
 cosine to min_lr, per iteration; weight decay cosine 0.04 -> 0.4 over all iterations; EMA momentum cosine 0.996 -> 1;
 teacher temperature per *epoch* (`linspace(warmup, final, warmup_epochs)` then constant) or, as an option, per step
-(DINOv2, lightly).
+(DINOv2, lightly). With `train.schedule_unit=run` the three warm-up lengths (lr, frozen last layer, teacher
+temperature) are fractions of the run's steps instead of epochs, so a recipe holds at any data set size.
 """
 
 from __future__ import annotations
@@ -55,26 +56,45 @@ class Hyperparams:
     init_centers: bool = False  # loss.center_init=first_batch at step 0: centres <- this batch's teacher means
 
 
+def batch_scaled(value: float, cfg: Config, world_size: int) -> float:
+    """value * total_batch / 256: iBOT's linear scaling rule for a learning rate given per 256 images of the global
+    batch, which counts the accumulated micro-batches (DINOv2 scales by the square root with reference 1024
+    instead, so its learning rates do not carry over)."""
+    return value * cfg.train.batch_size * world_size * cfg.train.accum_steps / 256.0
+
+
 def peak_lr(cfg: Config, world_size: int) -> float:
-    """lr * total_batch / 256: iBOT's linear scaling rule (`optim.lr` is per 256 images of the global batch, which
-    counts the accumulated micro-batches; DINOv2 scales by the square root with reference 1024 instead, so its
-    learning rates do not carry over)."""
-    return cfg.optim.lr * cfg.train.batch_size * world_size * cfg.train.accum_steps / 256.0
+    """The lr at the end of the warm-up: `optim.lr` scaled by the batch (`batch_scaled`)."""
+    return batch_scaled(cfg.optim.lr, cfg, world_size)
+
+
+def final_lr(cfg: Config, world_size: int) -> float:
+    """The lr the cosine ends at: `optim.min_lr`, scaled by the batch as `optim.lr` is when `optim.scale_min_lr`
+    (the same expression, so lr = min_lr gives a constant lr at any batch size)."""
+    return batch_scaled(cfg.optim.min_lr, cfg, world_size) if cfg.optim.scale_min_lr else cfg.optim.min_lr
 
 
 def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int, world_size: int) -> Hyperparams:
+    """The hyperparameters of optimizer step `step` of a run of `total_steps` steps of `steps_per_epoch` each."""
     o, loss = cfg.optim, cfg.loss
-    warmup = round(o.warmup_epochs * steps_per_epoch)
+    # Steps per unit of the warm-up lengths: an epoch, or the whole run (each length is then a fraction of it).
+    # Under run the temperature warm-up goes in as steps with a one-step "epoch" (load_config requires the per-step
+    # form there, since the per-epoch staircase of a fraction of a short run would round to 0 or 1 epochs).
+    unit = total_steps if cfg.train.schedule_unit == "run" else steps_per_epoch
+    warmup = round(o.warmup_epochs * unit)
+    if cfg.train.schedule_unit == "run":
+        temp_warmup, temp_unit = loss.warmup_teacher_temp_epochs * total_steps, 1
+    else:
+        temp_warmup, temp_unit = loss.warmup_teacher_temp_epochs, steps_per_epoch
     return Hyperparams(
-        lr=warmup_cosine(step, total_steps, warmup, peak_lr(cfg, world_size), o.min_lr),
+        lr=warmup_cosine(step, total_steps, warmup, peak_lr(cfg, world_size), final_lr(cfg, world_size)),
         weight_decay=cosine(step, total_steps, o.weight_decay, o.weight_decay_end),
         momentum=cosine(step, total_steps, o.momentum_teacher, o.momentum_teacher_end),
-        teacher_temp=teacher_temperature(step, steps_per_epoch, loss.warmup_teacher_temp_epochs,
-                                         loss.warmup_teacher_temp, loss.teacher_temp, loss.teacher_temp_per_step),
-        patch_teacher_temp=teacher_temperature(step, steps_per_epoch, loss.warmup_teacher_temp_epochs,
-                                               loss.warmup_patch_teacher_temp, loss.patch_teacher_temp,
-                                               loss.teacher_temp_per_step),
-        freeze_last_layer=step < o.freeze_last_layer_epochs * steps_per_epoch,
+        teacher_temp=teacher_temperature(step, temp_unit, temp_warmup, loss.warmup_teacher_temp, loss.teacher_temp,
+                                         loss.teacher_temp_per_step),
+        patch_teacher_temp=teacher_temperature(step, temp_unit, temp_warmup, loss.warmup_patch_teacher_temp,
+                                               loss.patch_teacher_temp, loss.teacher_temp_per_step),
+        freeze_last_layer=step < o.freeze_last_layer_epochs * unit,
         freeze_backbone=step < cfg.train.freeze_backbone_steps,
         init_centers=step == 0 and loss.center_init == "first_batch" and loss.centering == "center",
     )

@@ -231,6 +231,71 @@ def test_knn_every_logs_knn_and_leaves_training_unchanged(tmp_path):
     assert Image.open(tmp_path / "eval" / "knn.png").size == (800, 480)
 
 
+_BASELINES = [f"knn_{name}_{top}" for name in ("random", "random_clspatch", "pixels") for top in ("top1", "top5")]
+
+
+def _weighted_knn_by_hand(train_x, train_y, val_x, val_y, k: int, temperature: float) -> tuple[float, float]:
+    """DINO's weighted k-NN (top-1, top-5 %) written out here: the k most cosine-similar rows vote exp(sim / T)."""
+    sim_k, idx = (F.normalize(val_x, dim=1) @ F.normalize(train_x, dim=1).T).topk(k, dim=1)
+    votes = torch.zeros(len(val_y), int(train_y.max()) + 1).scatter_add_(1, train_y[idx], (sim_k / temperature).exp())
+    hits = votes.topk(5, dim=1).indices == val_y[:, None]
+    return 100.0 * hits[:, 0].sum().item() / len(val_y), 100.0 * hits.any(1).sum().item() / len(val_y)
+
+
+def test_a_run_logs_the_knn_of_random_features_and_raw_pixels_and_its_lead_over_them(tmp_path, caplog):
+    """Step 0 of a run with eval.knn_every holds the k-NN of random features (without the run's LayerScale 1e-5,
+    which makes every image's feature nearly the same: not the init's k-NN) and of the raw pixels (equal to the
+    k-NN of the resized, normalised images computed here); every k-NN step adds the teacher's cls+patch k-NN (equal to
+    `ibot eval knn --features cls+patch`); the run ends with the teacher's lead over each baseline."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from ibot_engine.data.normalise import IMAGENET_MEAN, IMAGENET_STD
+    from ibot_engine.eval.datasets import build_eval_dataset
+
+    cfg = load_config(None, [*TINY_OVERRIDES, "data.path=builtin:patterns", "data.builtin_size=40", "train.steps=2",
+                             "eval.knn_every=2", "eval.k=5", "model.layerscale=1e-5", f"run.dir={tmp_path}"])
+    last = train(cfg)
+    first = read_metrics(tmp_path)[0]
+    assert first["step"] == 0 and all(0.0 <= first[key] <= 100.0 for key in _BASELINES)
+    assert first["knn_random_top1"] != first["knn_top1"]
+
+    def pixels(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = build_eval_dataset(spec, cfg)
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+        x = torch.stack([TF.resize(TF.pil_to_tensor(image), [32, 32], InterpolationMode.BICUBIC, antialias=True)
+                         for image in images])
+        x = TF.normalize(x.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+        return x.flatten(1), torch.tensor(labels)
+
+    expected = _weighted_knn_by_hand(*pixels("builtin:patterns:train"), *pixels("builtin:patterns:val"), k=5,
+                                     temperature=0.07)
+    assert (first["knn_pixels_top1"], first["knn_pixels_top5"]) == expected
+
+    out = tmp_path / "clspatch.json"
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path), "--k", "5", "--features", "cls+patch",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["top1"], result["top5"]) == (last["knn_clspatch_top1"], last["knn_clspatch_top5"])
+
+    summary = last["baselines"]
+    assert {key: summary[key] for key in _BASELINES} == {key: first[key] for key in _BASELINES}
+    assert summary["beats_random"] == last["knn_top1"] - first["knn_random_top1"]
+    assert summary["beats_random_clspatch"] == last["knn_clspatch_top1"] - first["knn_random_clspatch_top1"]
+    assert summary["beats_pixels_clspatch"] == last["knn_clspatch_top1"] - first["knn_pixels_top1"]
+    assert (f"teacher cls+patch {last['knn_clspatch_top1']:5.1f}%   random features "
+            f"{first['knn_random_clspatch_top1']:.1f}% ({summary['beats_random_clspatch']:+.1f})") in caplog.text
+
+
+def test_random_features_are_the_runs_own_init_without_layerscale(tmp_path):
+    """With model.layerscale=0 the random features are the run's initial teacher (its seed, train.seed=3)."""
+    train(load_config(None, [*TINY_OVERRIDES, "data.path=builtin:patterns", "data.builtin_size=40", "train.steps=1",
+                             "train.seed=3", "eval.knn_every=1", "eval.k=5", f"run.dir={tmp_path}"]))
+    first = read_metrics(tmp_path)[0]
+    assert {key: first[key.replace("_random", "")] for key in _BASELINES if "random" in key} == \
+        {key: first[key] for key in _BASELINES if "random" in key}
+
+
 def test_knn_every_needs_held_out_folders_for_folder_data(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.train"):
         load_config(None, [f"data.path={tmp_path}", "eval.knn_every=10"])

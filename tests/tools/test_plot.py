@@ -82,6 +82,20 @@ def test_knn_figure_shows_the_demo_before_after_and_random_features(tmp_path):
         knn_figure(read_metrics(tmp_path / "plain"))
 
 
+def test_knn_figure_draws_the_baselines_logged_at_step_0(tmp_path):
+    _write_run(tmp_path, demo=False)
+    records = read_metrics(tmp_path)
+    records[0].update(knn_random_top1=41.5, knn_pixels_top1=63.0)  # as a run with eval.knn_every logs them
+    # An older demo's random-features result in the same directory gives way to the logged one: one line each.
+    ax = knn_figure(records, {"random_features": 99.0}).axes[0]
+    baselines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("knn_")}
+    assert list(baselines) == ["random features, untrained\n(no LayerScale): 41.5%", "raw pixels: 63.0%"]
+    random_line, pixels_line = baselines.values()
+    assert set(random_line.get_ydata()) == {41.5} and set(pixels_line.get_ydata()) == {63.0}
+    assert random_line.get_linestyle() != pixels_line.get_linestyle()
+    assert list(random_line.get_xdata()) == [0, 1]  # axes coordinates: across the whole run
+
+
 def test_legends_are_off_the_data_and_ticks_are_round(tmp_path):
     _write_run(tmp_path)
     records, demo = read_metrics(tmp_path), read_demo_knn(tmp_path)

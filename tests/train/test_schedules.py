@@ -65,3 +65,45 @@ def test_hyperparams_at_uses_linear_scaling_and_freezes_last_layer_first_epoch()
     assert hp0.lr == 0.0 and hp0.freeze_last_layer
     assert hp_peak.lr == pytest.approx(5e-4 * 64 * 4 / 256)
     assert not hp_late.freeze_last_layer
+
+
+RUN_UNIT = ["train.schedule_unit=run", "loss.teacher_temp_per_step=true", "optim.lr=1e-3", "optim.min_lr=1e-6",
+            "optim.warmup_epochs=0.1", "optim.freeze_last_layer_epochs=0.05", "loss.warmup_teacher_temp_epochs=0.2",
+            "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07"]
+
+
+@pytest.mark.parametrize(("total", "per_epoch", "batch"), [(300, 22, 64), (2000, 7, 512)])
+def test_run_unit_warmups_are_fractions_of_the_run(total, per_epoch, batch):
+    cfg = load_config(None, [*RUN_UNIT, f"train.batch_size={batch}"])
+    peak = 1e-3 * batch / 256
+    warmup, freeze, temp_warmup = round(0.1 * total), 0.05 * total, 0.2 * total
+
+    def hp(step):
+        return hyperparams_at(step, cfg, total_steps=total, steps_per_epoch=per_epoch, world_size=1)
+
+    assert hp(0).lr == 0.0
+    assert hp(warmup // 2).lr == pytest.approx(peak * (warmup // 2) / (warmup - 1), rel=1e-12)
+    assert hp(warmup - 1).lr == pytest.approx(peak, rel=1e-12)
+    assert hp(total).lr == pytest.approx(1e-6, rel=1e-9)
+    assert hp(int(freeze) - 1).freeze_last_layer and not hp(int(freeze)).freeze_last_layer
+    assert hp(0).teacher_temp == pytest.approx(0.04)
+    assert hp(int(temp_warmup / 2)).teacher_temp == pytest.approx(0.055, rel=1e-12)
+    assert hp(int(temp_warmup)).teacher_temp == pytest.approx(0.07)
+    assert hp(int(temp_warmup / 2)).patch_teacher_temp == pytest.approx(0.055, rel=1e-12)
+    # the epoch length plays no part: the same steps with another epoch length give the same hyperparameters
+    other = hyperparams_at(warmup // 2, cfg, total_steps=total, steps_per_epoch=per_epoch * 3 + 1, world_size=1)
+    assert other == hp(warmup // 2)
+
+
+@pytest.mark.parametrize("batch", [64, 512])
+def test_scale_min_lr_gives_a_constant_lr_for_lr_equal_min_lr(batch):
+    base = [f"train.batch_size={batch}", "optim.lr=1e-3", "optim.min_lr=1e-3", "optim.warmup_epochs=0"]
+    scaled = load_config(None, [*base, "optim.scale_min_lr=true"])
+    unscaled = load_config(None, base)
+    total, world = 500, 2
+    expected = 1e-3 * batch * world / 256
+    for step in (0, 1, 137, 250, 499, 500):
+        assert hyperparams_at(step, scaled, total, 10, world).lr == expected
+    # without the flag min_lr is taken as is, so the lr decays from the scaled peak to 1e-3
+    assert hyperparams_at(0, unscaled, total, 10, world).lr == expected
+    assert hyperparams_at(total, unscaled, total, 10, world).lr == pytest.approx(1e-3)
