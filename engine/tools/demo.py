@@ -2,8 +2,9 @@
 
 The run measures it (`eval.knn_every`; when the config leaves it at 0, the demo sets it so that the k-NN runs at step
 0 and at the last step): the k-NN of the teacher's features before (random init) and after pretraining, beside the
-k-NN of random features (the same ViT at random init without LayerScale, whose 1e-5 start gives every image nearly
-the same feature: a much stronger baseline than the init) and of the raw pixels, all in metrics.jsonl
+k-NN of random features (the same ViT at random init without LayerScale: the init itself with the small-data recipe,
+a much stronger baseline than a LayerScale 1e-5 init, which gives every image nearly the same feature) and of the
+raw pixels, all in metrics.jsonl
 (engine/eval/knn.py). The demo prints them from there, with the training throughput and any collapse warning, writes
 them as knn_before.json, knn_after.json and knn_random_features.json, and draws PNGs in the run directory: the k-NN
 with the baselines' lines (knn.png), the loss (loss.png) and the training health (health.png). Runs on CPU (a few
@@ -48,10 +49,9 @@ def run_demo(cfg: Config) -> dict:
     first = read_metrics(run_dir)[0]  # step 0: the teacher at random init and the baselines
     before = _logged_knn(first, "knn", run_dir / "knn_before.json",
                          "k-NN of the randomly initialised teacher (before pretraining)")
-    random_features = None
-    if cfg.model.layerscale:  # without LayerScale, random features are the init
-        random_features = _logged_knn(first, "knn_random", run_dir / "knn_random_features.json",
-                                      "k-NN of random features (the same ViT at random init without LayerScale)")
+    # Printed even when the ViT has no LayerScale (the small-data recipe): random features are then the init itself.
+    random_features = _logged_knn(first, "knn_random", run_dir / "knn_random_features.json",
+                                  "k-NN of random features (the same ViT at random init without LayerScale)")
     after = _logged_knn(last, "knn", run_dir / "knn_after.json", "k-NN of the pretrained teacher")
     png, knn_png, health_png = plot_run(run_dir), plot_knn_run(run_dir), plot_health_run(run_dir)
     rates = [r["img_per_s"] for r in read_metrics(run_dir)[1:] if "img_per_s" in r] or [0.0]
@@ -60,8 +60,7 @@ def run_demo(cfg: Config) -> dict:
         f"   throughput: {statistics.median(rates):.1f} img/s (median over log intervals)\n"
         f"   k-NN top-1 before: {before['top1']:.1f}%   after: {after['top1']:.1f}%   "
         f"(top-5 {before['top5']:.1f}% -> {after['top5']:.1f}%)\n"
-        + (f"   random features (no LayerScale, untrained): {random_features['top1']:.1f}%\n" if random_features
-           else "")
+        + f"   random features (no LayerScale, untrained): {random_features['top1']:.1f}%\n"
         + (f"   raw pixels: {first['knn_pixels_top1']:.1f}%\n" if "knn_pixels_top1" in first else "")
         + f"   collapse warnings: {'; '.join(last.get('collapse') or []) or 'none'}\n"
         f"   k-NN before/after (figure): {knn_png}\n   loss curve: {png}\n   training health: {health_png}\n"
