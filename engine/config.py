@@ -314,7 +314,8 @@ class DistributedConfig:
 class EvalConfig:
     knn_every: int = 0
     """Weighted k-NN of the teacher on a held-out set every this many steps and at the last step (0: never);
-    logs knn_top1 / knn_top5 to metrics.jsonl."""
+    logs knn_top1 / knn_top5 (eval.features) and knn_clspatch_top1 / _top5 to metrics.jsonl, and at step 0 the
+    baselines: random features (knn_random_*, knn_random_clspatch_*) and raw pixels (knn_pixels_*)."""
     train: str = ""
     """Labelled image folder or shards for the k-NN memory; empty: builtin:NAME:train for built-in data."""
     val: str = ""
