@@ -77,23 +77,20 @@ def final_lr(cfg: Config, world_size: int) -> float:
 def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: int, world_size: int) -> Hyperparams:
     """The hyperparameters of optimizer step `step` of a run of `total_steps` steps of `steps_per_epoch` each."""
     o, loss = cfg.optim, cfg.loss
-    # Steps per unit of the warm-up lengths: an epoch, or the whole run (each length is then a fraction of it).
-    # Under run the temperature warm-up goes in as steps with a one-step "epoch" (load_config requires the per-step
-    # form there, since the per-epoch staircase of a fraction of a short run would round to 0 or 1 epochs).
+    # Steps per unit of the warm-up lengths: an epoch, or the whole run (each length is then a fraction of it; the
+    # temperature warm-up is then per step, which load_config requires: the per-epoch staircase of a fraction of a
+    # short run would round to 0 or 1 "epochs").
     unit = total_steps if cfg.train.schedule_unit == "run" else steps_per_epoch
     warmup = round(o.warmup_epochs * unit)
-    if cfg.train.schedule_unit == "run":
-        temp_warmup, temp_unit = loss.warmup_teacher_temp_epochs * total_steps, 1
-    else:
-        temp_warmup, temp_unit = loss.warmup_teacher_temp_epochs, steps_per_epoch
     return Hyperparams(
         lr=warmup_cosine(step, total_steps, warmup, peak_lr(cfg, world_size), final_lr(cfg, world_size)),
         weight_decay=cosine(step, total_steps, o.weight_decay, o.weight_decay_end),
         momentum=cosine(step, total_steps, o.momentum_teacher, o.momentum_teacher_end),
-        teacher_temp=teacher_temperature(step, temp_unit, temp_warmup, loss.warmup_teacher_temp, loss.teacher_temp,
-                                         loss.teacher_temp_per_step),
-        patch_teacher_temp=teacher_temperature(step, temp_unit, temp_warmup, loss.warmup_patch_teacher_temp,
-                                               loss.patch_teacher_temp, loss.teacher_temp_per_step),
+        teacher_temp=teacher_temperature(step, unit, loss.warmup_teacher_temp_epochs, loss.warmup_teacher_temp,
+                                         loss.teacher_temp, loss.teacher_temp_per_step),
+        patch_teacher_temp=teacher_temperature(step, unit, loss.warmup_teacher_temp_epochs,
+                                               loss.warmup_patch_teacher_temp, loss.patch_teacher_temp,
+                                               loss.teacher_temp_per_step),
         freeze_last_layer=step < o.freeze_last_layer_epochs * unit,
         freeze_backbone=step < cfg.train.freeze_backbone_steps,
         init_centers=step == 0 and loss.center_init == "first_batch" and loss.centering == "center",
