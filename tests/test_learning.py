@@ -1,22 +1,30 @@
 """Learning on real images: a short pretraining run on the built-in digits scans must make the features better.
 
 The run is the demo itself (`engine/configs/demo_cpu.yaml` on the small-data recipe `small_data.yaml`: ViT-tiny/8
-on 32 px crops of scikit-learn's handwritten-digit scans, 200 steps), about four minutes on 2 CPU cores (81.4% on
+on 32 px crops of scikit-learn's handwritten-digit scans, 200 steps), about four minutes on 2 CPU cores (82.2% on
 2026-12-07, random features 65.8%). It must
 
 * beat random features by 10 points: the same ViT randomly initialised without LayerScale, whose features already
   separate digits well (the recipe has no LayerScale, so they are also the run's own step-0 k-NN; the run logs
   them at step 0 as `knn_random_top1`),
 * have a cls term that teaches: after the first 10% of the steps the teacher's cls targets stay below 0.95 of ln K
-  (uniform targets teach nothing, docs/learning.md),
+  (uniform targets teach nothing) and carry information about the image, on average at least 0.02 of ln K
+  (`teacher_cls_info_frac`; the demo: 0.07-0.15, mean 0.10). Row entropy alone is not enough: targets that
+  are the same non-uniform distribution for every image have a low entropy and teach nothing (docs/learning.md),
 * and train without a collapse warning (the detector watches the teacher's targets and the embedding spread).
 
 Marked `slow` and `learning`; `.ci/run` runs it.
+
+The 64 px run of the same recipe (`launch/configs/digits.yaml`, 300 steps) is the second test: about 25 minutes on 2
+cores, more than the default suite's budget, and its k-NN only climbs past random features after about 150 steps, so
+no shorter run separates learning from not at 64 px. Marked `slow` and `learning_64px`, outside `.ci/run`:
+`pytest -m learning_64px tests/test_learning.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +37,7 @@ from ibot_engine.train.loop import train
 from tests.helpers import read_metrics
 
 DEMO = DEMO_CONFIG
+DIGITS_64PX = Path(__file__).resolve().parent.parent / "launch" / "configs" / "digits.yaml"
 STEPS = 200
 
 pytest.importorskip("sklearn", reason="builtin:digits needs scikit-learn (pip install -e '.[digits]')")
@@ -50,11 +59,37 @@ def test_pretraining_on_digits_learns_without_collapse(tmp_path):
     assert knn_eval(backbone, plain, "builtin:digits:train", "builtin:digits:val")["top1"] == random_features
     health = [r for r in records if "teacher_cls_entropy_frac" in r]
     late = [r["teacher_cls_entropy_frac"] for r in health if r["step"] >= STEPS // 10]
+    info = sum(r["teacher_cls_info_frac"] for r in health if r["step"] >= STEPS // 10) / len(late)
     summary = (f"k-NN top-1: random features {random_features:.1f}%, after {STEPS} steps {final:.1f}%; teacher cls "
-               f"target entropy / ln K after 10% of the run: max {max(late):.3f}; warnings: {last['collapse']}")
+               f"target entropy / ln K after 10% of the run: max {max(late):.3f}, information about the image / ln K: "
+               f"mean {info:.3f}; warnings: {last['collapse']}")
     print(summary)
     assert final >= random_features + 10, summary
     assert max(late) < 0.95, summary
+    assert info >= 0.02, summary
     assert last["collapse"] == [], summary
     spread = 0.5 / backbone.embed_dim**0.5  # half of random directions' 1 / sqrt(D): well away from collapse
     assert all(r["teacher_cls_std"] > spread and r["student_cls_std"] > spread for r in health[-3:]), summary
+
+
+@pytest.mark.slow
+@pytest.mark.learning_64px
+@pytest.mark.timeout(3600)
+def test_pretraining_at_64px_beats_random_features(tmp_path):
+    """Issue 30's 64 px check at seed 0: `launch/configs/digits.yaml` (the small-data recipe, digits at 64 px, 2 x 64 +
+    4 x 32 px crops, K = 1024, batch 64, 300 steps) ends 10 points above random features (measured 2026-12-07:
+    66.1% against 55.0%; seeds 1 / 2: 68.1 / 74.2% against 56.9 / 61.4%; docs/learning.md), its cls targets carry
+    information about the image and no warning fires."""
+    cfg = load_config(DIGITS_64PX, [f"run.dir={tmp_path}", "eval.knn_every=300", "train.log_every=10"])
+    last = train(cfg)
+    records = read_metrics(tmp_path)
+    random_features, final = records[0]["knn_random_top1"], last["knn_top1"]
+    health = [r for r in records if "teacher_cls_info_frac" in r and r["step"] >= cfg.train.steps // 10]
+    info = sum(r["teacher_cls_info_frac"] for r in health) / len(health)
+    summary = (f"64 px k-NN top-1: random features {random_features:.1f}%, after {last['step']} steps {final:.1f}%; "
+               f"cls target information / ln K after 10% of the run: mean {info:.3f}; warnings: {last['collapse']}")
+    print(summary)
+    assert last["step"] == 300, summary
+    assert final >= random_features + 10, summary
+    assert info >= 0.02, summary
+    assert last["collapse"] == [], summary

@@ -21,9 +21,9 @@ KNN_SERIES = ("knn_top1", "knn_top5")
 # Training health (the checks in health.py), three panels: the teacher's targets, the spread of the embeddings, the
 # centres.
 HEALTH_PANELS = (
-    ("teacher targets (1 = uniform)", ("teacher_cls_entropy_frac", "teacher_patch_entropy_frac",
-                                       "teacher_cls_batch_entropy_frac", "teacher_cls_max_prob",
-                                       "teacher_patch_max_prob")),
+    ("teacher targets (entropies / ln K: 1 = uniform;\ninformation about the image / ln K: 0 = none)",
+     ("teacher_cls_entropy_frac", "teacher_patch_entropy_frac", "teacher_cls_batch_entropy_frac",
+      "teacher_cls_info_frac", "teacher_cls_max_prob", "teacher_patch_max_prob")),
     ("std of the unit cls embeddings over the batch (0 = collapse)", ("student_cls_std", "teacher_cls_std")),
     ("centre norms", ("cls_center_norm", "patch_center_norm")),
 )

@@ -8,6 +8,11 @@ already has, and read back in the logging all-reduce (no extra host sync):
     teacher_cls_entropy        mean over rows of H(p_t), p_t = softmax((t - c) / tau_t), the targets the loss uses
     teacher_cls_entropy_frac   the same / ln K: 1 = uniform targets (collapse), small = confident targets
     teacher_cls_batch_entropy_frac   H(mean_rows p_t) / ln K: near 0 = one prototype takes the batch (collapse)
+    teacher_cls_info_frac      batch entropy - mean row entropy, / ln K: the information the cls targets carry about
+                               the image (the mutual information of image and prototype over the batch). 0 when every
+                               image gets the same target distribution, whether uniform, one prototype or anything
+                               in between: the cls term then teaches nothing about the image, however low the row
+                               entropy is (a lagging centre leaves the same non-uniform targets for every image)
     teacher_cls_max_prob       mean over rows of max_k p_t
     teacher_patch_entropy(_frac), teacher_patch_max_prob   the same over the masked patch targets
     cls_center_norm, patch_center_norm   ||c||, ||c_patch|| (zero with Sinkhorn-Knopp targets)
@@ -21,23 +26,24 @@ With Sinkhorn-Knopp targets, p_t is the Sinkhorn-Knopp target distribution.
 near uniform (entropy above `UNIFORM_FRAC` of ln K) for the cls tokens and for the masked patch tokens alike (the
 cls ones alone when the patch term is off), or one prototype takes the batch (batch entropy below `ONE_HOT_FRAC` of
 ln K), or the student's or teacher's embedding spread falls below `STD_FRAC` / sqrt(D) and does not grow (at most
-`STD_GROWTH` times its value `PATIENCE` - 1 logging steps before) while the cls targets are near uniform (entropy
-above `CLS_UNIFORM_FRAC` of ln K), it warns once, naming the metric, its value and
+`STD_GROWTH` times its value `PATIENCE` - 1 logging steps before) while the cls targets carry no information about
+the image (`teacher_cls_info_frac` below `CLS_INFO_FRAC`), it warns once, naming the metric, its value and
 the step (`train.on_collapse=warn`), or stops the run with `TrainingCollapsedError` (`train.on_collapse=stop`; the
 last checkpoint before it is kept). It starts watching at `start_step` (the trainer passes 10% of the run): a
 freshly initialised network maps every image to nearly the same output (with LayerScale 1e-5 exactly the same), so
 near-uniform targets in the first steps are the starting point, not a collapse. The same start makes the embedding
 spread tiny: a network leaving it spreads its embeddings step by step (with LayerScale 1e-5 on the digits at 64 px,
-`digits.yaml`, the teacher's std climbs from about 5e-4 at step 10 through the floor 3.6e-3 between steps 30 and 60
-while the k-NN rises), so a spread under the floor that is still growing is not a collapse; one that has fallen
-there, or stays there, is.
-A quieter failure is a warning of its own, `cls_not_learning`: the teacher's cls targets near uniform (entropy above
-`CLS_UNIFORM_FRAC` of ln K) for `CLS_WINDOW` logging steps in a row while the teacher's cls embeddings stay close
-together (spread below `CLS_SPREAD_FRAC` / sqrt(D)). The patch term may still move and the loss looks healthy, but
-the cls term teaches nothing and the cls token ends near random features or below (docs/learning.md: the 64 px
-digits runs of lightly's example and of `launch/configs/digits.yaml`, and the cls-only runs of the former demo
-recipe). Uniform cls targets with a wide spread (the former demo recipe, where KoLeo spreads the embeddings and the
-patch term builds the features) are not reported. tests/train/test_health.py replays recorded runs of both kinds.
+the former `digits.yaml`, the teacher's std climbs from about 5e-4 at step 10 through the floor 3.6e-3 between steps
+30 and 60 while the k-NN rises), so a spread under the floor that is still growing is not a collapse; one that has
+fallen there, or stays there, is.
+A quieter failure is a warning of its own, `cls_not_learning`: the teacher's cls targets carry no information about
+the image (`teacher_cls_info_frac` below `CLS_INFO_FRAC`: every image gets the same target distribution, uniform or
+not) for `CLS_WINDOW` logging steps in a row while the teacher's cls embeddings stay close together (spread below
+`CLS_SPREAD_FRAC` / sqrt(D)). The patch term may still move and the loss looks healthy, but the cls term teaches
+nothing (docs/learning.md: the 64 px digits runs of lightly's example and of `launch/configs/digits.yaml` before
+2026-12-07, and the cls-only runs at 32 px, of the former recipe and of the small-data one). Uninformative cls
+targets with a wide spread (the former demo recipe, where KoLeo spreads the embeddings and the patch term builds the
+features) are not reported. tests/train/test_health.py replays recorded runs of both kinds.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 HEALTH_KEYS = (
-    "teacher_cls_entropy", "teacher_cls_entropy_frac", "teacher_cls_batch_entropy_frac", "teacher_cls_max_prob",
+    "teacher_cls_entropy", "teacher_cls_entropy_frac", "teacher_cls_batch_entropy_frac", "teacher_cls_info_frac",
+    "teacher_cls_max_prob",
     "teacher_patch_entropy", "teacher_patch_entropy_frac", "teacher_patch_max_prob",
     "cls_center_norm", "patch_center_norm", "student_cls_std", "teacher_cls_std",
 )
@@ -68,22 +75,33 @@ UNIFORM_FRAC = 0.999
 ONE_HOT_FRAC = 0.05  # entropy of the batch-mean target below 5% of ln K: one prototype for every image
 STD_FRAC = 0.05  # embedding spread below 5% of a random direction's 1/sqrt(D): (almost) one embedding for all
 # ... unless it is growing: more than this factor above its value PATIENCE - 1 logging steps before (a network leaving
-# its near-identity LayerScale start: digits.yaml, seed 2, teacher std 1.8e-3 / 3.5e-3 / 3.6e-3 at steps 30 / 40 / 50,
-# 7.0e-3 at 100, k-NN 57.8%; it fired there before this rule). A collapsed spread stays flat or falls.
+# its near-identity LayerScale start: the former digits.yaml, seed 2, teacher std 1.8e-3 / 3.5e-3 / 3.6e-3 at steps
+# 30 / 40 / 50, 7.0e-3 at 100, k-NN 57.8%; it fired there before this rule). A collapsed spread stays flat or falls.
 STD_GROWTH = 1.25
 PATIENCE = 3  # logging steps in a row
-# The cls token is not learning: targets above 0.98 of ln K while the teacher's spread stays below 0.25 / sqrt(D)
-# (0.018 at D = 192), for 5 logging steps. From recorded runs (tests/train/fixtures/health): those that do not learn
-# sit at 0.98-1.0 with a spread of 0.001-0.007 (digits.yaml at 64 px, cls-only runs of the former demo recipe); the
-# former demo recipe (patch term and KoLeo) sits at 0.97-0.998 with a spread of 0.069, the small-data recipe's runs
-# below 0.95 (except in their first 10% of steps).
-CLS_UNIFORM_FRAC = 0.98
+# The cls token is not learning: the cls targets carry almost no information about the image (batch entropy minus
+# mean row entropy below 0.01 of ln K, 0.07 nats at K = 1024) while the teacher's spread stays below 0.25 / sqrt(D)
+# (0.018 at D = 192), for 5 logging steps. From recorded runs (tests/train/fixtures/health): those whose cls term
+# teaches nothing sit at 0.000 with a spread of 0.001-0.011, whether their targets are uniform (the former
+# digits.yaml at 64 px, cls-only runs of the former recipe) or the same non-uniform distribution for every image
+# (a cls-only run of the small-data recipe at 32 px: row entropy 0.65 of ln K, information 0.000); the small-data
+# demo's targets carry 0.07-0.18 of ln K, the 64 px digits run of the recipe 0.05-0.14, at a spread of 0.05-0.07.
+# Row entropy alone cannot tell these apart.
+CLS_INFO_FRAC = 0.01
 CLS_SPREAD_FRAC = 0.25
 CLS_WINDOW = 5
 
 
 _SPREAD_OF = {"student_cls_std": "student_cls_std", "teacher_cls_std": "teacher_cls_std",
               "cls_not_learning": "teacher_cls_std"}  # detector kind -> the spread metric it watches
+
+
+def cls_info_frac(m: dict[str, float]) -> float:
+    """The information the cls targets carry about the image, / ln K, from one logging step's metrics (recordings
+    from before `teacher_cls_info_frac` was logged have the two entropies it is computed from)."""
+    if "teacher_cls_info_frac" in m:
+        return m["teacher_cls_info_frac"]
+    return m["teacher_cls_batch_entropy_frac"] - m["teacher_cls_entropy_frac"]
 
 
 class TrainingCollapsedError(RuntimeError):
@@ -147,7 +165,7 @@ def health_metrics(
     else:
         patch_entropy = patch_max = teacher_cls.new_full((), float("nan"), dtype=torch.float32)
     return torch.stack([
-        cls_entropy, cls_entropy / log_k, batch_entropy / log_k, cls_max,
+        cls_entropy, cls_entropy / log_k, batch_entropy / log_k, (batch_entropy - cls_entropy) / log_k, cls_max,
         patch_entropy, patch_entropy / log_k, patch_max,
         torch.linalg.vector_norm(cls_center.float()), torch.linalg.vector_norm(patch_center.float()),
         embedding_std(student_cls_tokens), embedding_std(teacher_cls_tokens),
@@ -190,18 +208,19 @@ class CollapseDetector:
             elif math.isnan(patch) or patch > UNIFORM_FRAC:
                 found["uniform"] = (f"{cls}, teacher_patch_entropy_frac={patch:.4f}: the teacher's cls and patch "
                                     "targets are near uniform")
-        if m["teacher_cls_entropy_frac"] > CLS_UNIFORM_FRAC and m["teacher_cls_std"] < self.cls_spread:
+        info = cls_info_frac(m)
+        if info < CLS_INFO_FRAC and m["teacher_cls_std"] < self.cls_spread:
             found["cls_not_learning"] = (
-                f"teacher_cls_entropy_frac={m['teacher_cls_entropy_frac']:.4f} > {CLS_UNIFORM_FRAC} and "
-                f"teacher_cls_std={m['teacher_cls_std']:.2e} < {self.cls_spread:.2e}: the cls token is not learning "
-                "(uniform cls targets and cls embeddings close together: the cls term teaches nothing)")
+                f"teacher_cls_info_frac={info:.4f} < {CLS_INFO_FRAC} (row entropy "
+                f"{m['teacher_cls_entropy_frac']:.4f} of ln K) and teacher_cls_std={m['teacher_cls_std']:.2e} < "
+                f"{self.cls_spread:.2e}: the cls token is not learning (every image gets the same cls target "
+                "distribution and the cls embeddings stay close together: the cls term teaches nothing)")
         if m["teacher_cls_batch_entropy_frac"] < ONE_HOT_FRAC:
             found["one_hot"] = (f"teacher_cls_batch_entropy_frac={m['teacher_cls_batch_entropy_frac']:.4f} < "
                                 f"{ONE_HOT_FRAC}: one prototype takes the whole batch (near one-hot targets)")
-        # A spread under the floor is a collapse only while the cls targets are near uniform too: with informative
-        # targets the head still tells the images apart (a cls-only run of the small-data recipe learns at a
-        # spread of 0.003, under the floor: tests/train/fixtures/health/cls_only_sharp_fast_teacher_32px.jsonl).
-        uninformative = m["teacher_cls_entropy_frac"] > CLS_UNIFORM_FRAC
+        # A spread under the floor is a collapse only while the cls targets carry no information about the image:
+        # while they do, the head still tells the images apart.
+        uninformative = info < CLS_INFO_FRAC
         for who in ("student", "teacher") if uninformative else ():
             key = f"{who}_cls_std"
             if m[key] < self.min_std:

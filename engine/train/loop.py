@@ -269,6 +269,10 @@ def _knn_summary(last: dict[str, Any], first: dict[str, Any], features: str) -> 
     log.info("k-NN top-1 on the held-out set at step %d, against random features (no LayerScale, untrained) and "
              "raw pixels, measured at step 0 (the teacher's lead in points):\n%s", last["step"],
              "\n".join(dict.fromkeys(lines)))  # eval.features=cls+patch: its two lines are one
+    if out.get("beats_random", 1.0) <= 0:
+        log.warning("the teacher's k-NN (%s) is no better than random features after %d steps (%+.1f points): this "
+                    "run has not learned features worth its compute; see docs/learning.md", features, last["step"],
+                    out["beats_random"])
     return out
 
 

@@ -125,6 +125,7 @@ class MetricLogger:
             )
         if "teacher_cls_entropy_frac" in record:
             line += (f"  H(t)/lnK {record['teacher_cls_entropy_frac']:.3f}"
+                     f"  I(t)/lnK {record['teacher_cls_info_frac']:.3f}"  # what the cls targets know of the image
                      f"  std(t) {record['teacher_cls_std']:.3f}")
         if "knn_top1" in record:
             line += f"  k-NN top-1 {record['knn_top1']:.1f}% top-5 {record['knn_top5']:.1f}%"

@@ -285,6 +285,8 @@ def test_a_run_logs_the_knn_of_random_features_and_raw_pixels_and_its_lead_over_
     assert summary["beats_pixels_clspatch"] == last["knn_clspatch_top1"] - first["knn_pixels_top1"]
     assert (f"teacher cls+patch {last['knn_clspatch_top1']:5.1f}%   random features "
             f"{first['knn_random_clspatch_top1']:.1f}% ({summary['beats_random_clspatch']:+.1f})") in caplog.text
+    # The run warns exactly when the teacher does not beat random features.
+    assert ("is no better than random features" in caplog.text) == (summary["beats_random"] <= 0)
 
 
 def test_random_features_are_the_runs_own_init_without_layerscale(tmp_path):
