@@ -85,7 +85,7 @@ PATIENCE = 3  # logging steps in a row
 # teaches nothing sit at 0.000 with a spread of 0.001-0.011, whether their targets are uniform (the former
 # digits.yaml at 64 px, cls-only runs of the former recipe) or the same non-uniform distribution for every image
 # (a cls-only run of the small-data recipe at 32 px: row entropy 0.65 of ln K, information 0.000); the small-data
-# demo's targets carry 0.07-0.18 of ln K, the 64 px digits run of the recipe 0.05-0.14, at a spread of 0.05-0.07.
+# demo's targets carry 0.07-0.15 of ln K, the 64 px digits runs of the recipe 0.05-0.22, at a spread of 0.05-0.07.
 # Row entropy alone cannot tell these apart.
 CLS_INFO_FRAC = 0.01
 CLS_SPREAD_FRAC = 0.25
