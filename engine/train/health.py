@@ -96,14 +96,6 @@ _SPREAD_OF = {"student_cls_std": "student_cls_std", "teacher_cls_std": "teacher_
               "cls_not_learning": "teacher_cls_std"}  # detector kind -> the spread metric it watches
 
 
-def cls_info_frac(m: dict[str, float]) -> float:
-    """The information the cls targets carry about the image, / ln K, from one logging step's metrics (recordings
-    from before `teacher_cls_info_frac` was logged have the two entropies it is computed from)."""
-    if "teacher_cls_info_frac" in m:
-        return m["teacher_cls_info_frac"]
-    return m["teacher_cls_batch_entropy_frac"] - m["teacher_cls_entropy_frac"]
-
-
 class TrainingCollapsedError(RuntimeError):
     """The collapse detector fired with `train.on_collapse=stop`."""
 
@@ -208,7 +200,8 @@ class CollapseDetector:
             elif math.isnan(patch) or patch > UNIFORM_FRAC:
                 found["uniform"] = (f"{cls}, teacher_patch_entropy_frac={patch:.4f}: the teacher's cls and patch "
                                     "targets are near uniform")
-        info = cls_info_frac(m)
+        # teacher_cls_info_frac, from the two entropies it is defined by (recordings from before it was logged too)
+        info = m["teacher_cls_batch_entropy_frac"] - m["teacher_cls_entropy_frac"]
         if info < CLS_INFO_FRAC and m["teacher_cls_std"] < self.cls_spread:
             found["cls_not_learning"] = (
                 f"teacher_cls_info_frac={info:.4f} < {CLS_INFO_FRAC} (row entropy "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -287,6 +288,18 @@ def test_a_run_logs_the_knn_of_random_features_and_raw_pixels_and_its_lead_over_
             f"{first['knn_random_clspatch_top1']:.1f}% ({summary['beats_random_clspatch']:+.1f})") in caplog.text
     # The run warns exactly when the teacher does not beat random features.
     assert ("is no better than random features" in caplog.text) == (summary["beats_random"] <= 0)
+
+
+def test_the_run_warns_when_its_knn_is_no_better_than_random_features(caplog):
+    from ibot_engine.train.loop import _knn_summary
+
+    first = {"knn_random_top1": 60.0, "knn_random_clspatch_top1": 58.0, "knn_pixels_top1": 90.0}
+    for top1, warns in ((60.0, True), (55.0, True), (60.5, False)):
+        caplog.clear()
+        last = {"step": 100, "knn_top1": top1, "knn_clspatch_top1": 70.0}
+        with caplog.at_level(logging.INFO, logger="ibot_engine.train.loop"):
+            assert _knn_summary(last, first, "cls")["beats_random"] == top1 - 60.0
+        assert ("is no better than random features" in caplog.text) == warns, top1
 
 
 def test_random_features_are_the_runs_own_init_without_layerscale(tmp_path):
