@@ -3,7 +3,7 @@
 # exported backbone-only in the DINOv2 layout, then continued 200 steps on the same data with a k-NN every 20 steps:
 # with the continuation defaults and the naive path beside it, on the demo's recipe and on the engine's ImageNet
 # defaults, and at 64 px.
-# About 4 minutes per run on 2 CPU cores. Usage: bash launch/examples/continue_digits.sh [OUT] [RUN ...]
+# About 4 minutes per 32 px run on 2 CPU cores (res64: about 7.5). Usage: bash launch/examples/continue_digits.sh [OUT] [RUN ...]
 # (RUN: pretrain defaults naive imagenet imagenet_naive res64; all by default). Needs `bash launch/demo.sh`'s .venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
