@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,14 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key."""
+
+
+def keys_message(keys: Iterable[str], limit: int = 8) -> str:
+    """The keys an error message names (of a file, a state dict, a config): sorted, the first `limit`, and how many
+    in all when there are more."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,6 +87,12 @@ class TrainConfig:
     no update (its gradients are dropped before clipping, so AdamW neither moves it nor starts its moments) while
     the fresh heads warm up on the loaded features; ignored, and said once in the log, when the heads come from the
     file or the run starts from scratch. Continuation default: CONTINUE_DEFAULTS (20)."""
+    unfreeze_warmup_steps: int = 0
+    """After `freeze_backbone_steps`, the student backbone's lr ramps linearly from 1 / (N + 1) to 1 of the scheduled
+    lr over these N steps; the heads keep the scheduled lr. Its AdamW state starts at the unfreeze, and a fresh
+    Adam step moves every weight by about the lr whatever its gradient, so at the full lr the first unfrozen steps
+    move the loaded backbone most, before its moments settle. Ignored with the freeze (loaded heads, from scratch).
+    Continuation default: CONTINUE_DEFAULTS (20; measured in docs/continue.md, "Changing resolution")."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -526,6 +541,7 @@ def _check(cfg: Config) -> None:
     positive("optim.layer_decay", cfg.optim.layer_decay)
     positive("optim.patch_embed_lr_mult", cfg.optim.patch_embed_lr_mult, allow_zero=True)
     positive("train.freeze_backbone_steps", cfg.train.freeze_backbone_steps, allow_zero=True)
+    positive("train.unfreeze_warmup_steps", cfg.train.unfreeze_warmup_steps, allow_zero=True)
     if cfg.train.schedule_unit == "run":
         for key in ("optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.warmup_teacher_temp_epochs"):
             section, name = key.split(".")
@@ -574,14 +590,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
 # Defaults of a run that continues from released weights (`model.init_from`): applied by `load_config` to each key
 # that neither the YAML file nor an override sets. Gentler than pretraining from scratch, so that the first steps
 # keep what the loaded backbone knows: a lower lr, layer-wise lr decay and a slower patch embedding (DINOv2's
-# `layerwise_decay` and `patch_embed_lr_mult`), and the backbone frozen while fresh heads warm up. The warm-up
-# (`optim.warmup_epochs`, in epochs of the user's data) is left to the user: its length in steps depends on the
-# data set, and the lr ramp it gives after the freeze is still a safeguard. Values to be set by measurement.
+# `layerwise_decay` and `patch_embed_lr_mult`), the backbone frozen while fresh heads warm up, then its lr ramped
+# in over as many steps (its Adam state is fresh at the unfreeze). These two are in steps, not in epochs of the
+# user's data, so they hold at any data set size; the run's own lr warm-up (`optim.warmup_epochs`) is left to the
+# user. Each value and its measurement: docs/continue.md.
 CONTINUE_DEFAULTS: dict[str, Any] = {
     "optim.lr": 1e-4,
     "optim.layer_decay": 0.9,
     "optim.patch_embed_lr_mult": 0.2,
     "train.freeze_backbone_steps": 20,
+    "train.unfreeze_warmup_steps": 20,
 }
 
 

@@ -111,7 +111,8 @@ class IBOTLightningModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # lr and weight decay are set every step from the schedules (no Lightning LR scheduler).
-        return build_optimizer(self.model.student, self.cfg.optim, self.device)
+        return build_optimizer(self.model.student, self.cfg.optim, self.device,
+                               split_backbone=self.cfg.train.unfreeze_warmup_steps > 0)
 
     def on_fit_start(self) -> None:
         t = self.trainer
@@ -167,7 +168,7 @@ class IBOTLightningModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         hp = self._hp = self.hyperparams(self.global_step)  # global_step counts completed optimizer steps
-        apply_hyperparams(optimizer, hp.lr, hp.weight_decay)
+        apply_hyperparams(optimizer, hp.lr, hp.weight_decay, hp.backbone_lr_factor)
         # The closure runs training_step, backward (+ on_after_backward) and configure_gradient_clipping.
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         teacher_params, student_params = self._ema_pairs  # type: ignore[misc]

@@ -60,6 +60,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from ibot_engine.checkpoint import atomic_write
+from ibot_engine.config import keys_message
 from ibot_engine.model.vit import ARCHS, swiglu_hidden
 
 CONFIG_NAME = "config.json"
@@ -219,11 +220,6 @@ def _canonical(key: str, model_type: str) -> str:
     return key
 
 
-def _keys_message(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
-
-
 def read_hf_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read a transformers DINOv2 / DINOv2-with-registers / DINOv3 ViT folder into our backbone's terms.
 
@@ -277,8 +273,8 @@ def read_hf_folder(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     missing = sorted(wanted - tensors.keys())
     unknown = sorted(tensors.keys() - wanted)
     if missing or unknown:
-        parts = [f"missing keys: {_keys_message(missing)}"] if missing else []
-        parts += [f"unknown keys: {_keys_message(unknown)}"] if unknown else []
+        parts = [f"missing keys: {keys_message(missing)}"] if missing else []
+        parts += [f"unknown keys: {keys_message(unknown)}"] if unknown else []
         raise ValueError(f"{folder}: not a {MODEL_CLASSES[model_type]} of config.json's sizes; {'; '.join(parts)}")
 
     state: dict[str, Tensor] = {}
@@ -370,8 +366,8 @@ def write_hf_folder(backbone_state: dict[str, Tensor], model_cfg, out: Path) -> 
             state[f"blocks.{i}.attn.qkv.bias"] = bias
     missing, unknown = sorted(table.keys() - state.keys()), sorted(state.keys() - table.keys())
     if missing or unknown:
-        parts = [f"missing keys: {_keys_message(missing)}"] if missing else []
-        parts += [f"unknown keys: {_keys_message(unknown)}"] if unknown else []
+        parts = [f"missing keys: {keys_message(missing)}"] if missing else []
+        parts += [f"unknown keys: {keys_message(unknown)}"] if unknown else []
         raise ValueError(f"backbone state does not match model.arch={model_cfg.arch} and its options; "
                          f"{'; '.join(parts)}")
 

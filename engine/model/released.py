@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ibot_engine.config import ConfigError, ModelConfig
+from ibot_engine.config import ConfigError, ModelConfig, keys_message
 from ibot_engine.model.vit import ARCHS
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,6 @@ class ReleasedWeights:
 # Reading files
 
 
-def _keys_message(keys: Any, limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
-
-
 def _is_safetensors(path: Path) -> bool:
     """safetensors files open with an 8-byte header length and then the JSON header; zip-format torch files with
     'PK', legacy ones with a pickle opcode."""
@@ -208,7 +202,7 @@ def _tensors_only(state: Any, file: Path, what: str) -> dict[str, Tensor]:
         raise ValueError(f"{file}: {what} is not a state dict of tensors")
     others = [str(k) for k, v in state.items() if not isinstance(v, Tensor)]
     if others:
-        raise ValueError(f"{file}: {what} holds entries that are not tensors: {_keys_message(others)}")
+        raise ValueError(f"{file}: {what} holds entries that are not tensors: {keys_message(others)}")
     return state
 
 
@@ -235,7 +229,7 @@ def _split_network(state: dict[str, Tensor], file: Path) -> tuple[dict[str, Tens
             dropped.append(k)
         elif wrapped:
             raise ValueError(f"{file}: keys beside backbone.* and head.* in a network's state: "
-                             f"{_keys_message(k2 for k2 in state if not k2.startswith(('backbone.', 'head.')))}")
+                             f"{keys_message(k2 for k2 in state if not k2.startswith(('backbone.', 'head.')))}")
         else:
             backbone[k] = v
     return backbone, head, dropped
@@ -293,7 +287,7 @@ def _backbone_to_ours(raw: dict[str, Tensor], file: Path) -> _Backbone:
     keys = set(raw)
     if "cls_token" not in keys or not {"patch_embed.proj.weight", "patch_embed.weight"} & keys:
         raise ValueError(f"{file}: not a ViT backbone of a layout we read (no cls_token / patch_embed.proj.weight); "
-                         f"its keys: {_keys_message(keys)}")
+                         f"its keys: {keys_message(keys)}")
     layout = _layout(keys)
     eva_swiglu = any(k.endswith(".mlp.fc1_g.weight") for k in keys)
     state: dict[str, Tensor] = {}
@@ -316,7 +310,7 @@ def _backbone_to_ours(raw: dict[str, Tensor], file: Path) -> _Backbone:
             state[k] = v
     if unsupported:
         raise ValueError(f"{file}: keys of layers our ViT does not have (DINOv3's untied cls norm, a fc_norm / "
-                         f"norm_pre, an Eva RoPE buffer): {_keys_message(unsupported)}")
+                         f"norm_pre, an Eva RoPE buffer): {keys_message(unsupported)}")
     depth = _depth(state)
     dim = state["cls_token"].shape[-1]
     fields: dict[str, Any] = {}
@@ -361,7 +355,7 @@ def _backbone_to_ours(raw: dict[str, Tensor], file: Path) -> _Backbone:
         grid = None
         fields["pos_embed"] = "rope"
     else:
-        raise ValueError(f"{file}: no pos_embed and no RoPE (DINOv3) keys; its keys: {_keys_message(keys)}")
+        raise ValueError(f"{file}: no pos_embed and no RoPE (DINOv3) keys; its keys: {keys_message(keys)}")
     weight = state["patch_embed.weight"]
     if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"{file}: patch embedding weight {list(weight.shape)} is not a square RGB conv [D, 3, p, p]")
@@ -425,7 +419,7 @@ def _head_to_ours(raw: dict[str, Tensor], file: Path, role: str) -> tuple[dict[s
     unknown = [f"head.{k}" for k in head if not re.fullmatch(r"mlp\.\d+\.(weight|bias)|last_layer\.weight_[gv]", k)]
     missing = [f"head.last_layer.{n}" for n in ("weight_g", "weight_v") if f"last_layer.{n}" not in head]
     if unknown or missing:
-        problem = f"unexpected keys {_keys_message(unknown)}" if unknown else f"missing {_keys_message(missing)}"
+        problem = f"unexpected keys {keys_message(unknown)}" if unknown else f"missing {keys_message(missing)}"
         raise ValueError(f"{file}: the {role} head is not a DINO / iBOT head (mlp.N Linear layers and a "
                          f"weight-normed last_layer): {problem}")
     linears = sorted(int(m[1]) for k in head if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
@@ -459,8 +453,8 @@ def _mismatch(state: dict[str, Tensor], expected: dict[str, torch.Size], optiona
     unknown = sorted(set(state) - set(expected))
     shapes = [f"{k} {list(state[k].shape)} (ours {list(expected[k])})" for k in state
               if k in expected and state[k].shape != expected[k]]
-    parts = [f"missing keys: {_keys_message(missing)}"] if missing else []
-    parts += [f"unexpected keys: {_keys_message(unknown)}"] if unknown else []
+    parts = [f"missing keys: {keys_message(missing)}"] if missing else []
+    parts += [f"unexpected keys: {keys_message(unknown)}"] if unknown else []
     parts += [f"shapes: {', '.join(shapes[:6])}"] if shapes else []
     return "; ".join(parts)
 
@@ -560,7 +554,7 @@ def _find_networks(obj: Any, file: Path) -> tuple[dict, dict | None, dict, str |
     for key in ("state_dict", "model", "model_ema", "teacher", "module"):
         if isinstance(obj.get(key), dict):
             return _tensors_only(obj[key], file, repr(key)), None, obj, None, key == "state_dict"
-    raise ValueError(f"{file}: no state dict found; top-level keys: {_keys_message(str(k) for k in obj)}")
+    raise ValueError(f"{file}: no state dict found; top-level keys: {keys_message(str(k) for k in obj)}")
 
 
 def read_released(path: str | Path, fmt: str = "auto") -> ReleasedWeights:
@@ -607,7 +601,7 @@ def read_released(path: str | Path, fmt: str = "auto") -> ReleasedWeights:
     label, accepted = _label(backbone.layout, metadata, full, wrapped)
     if fmt != "auto" and fmt not in accepted:
         raise ValueError(f"{file}: model.init_format={fmt} does not fit the file: its layout is {label}'s "
-                         f"(keys {_keys_message(backbone_raw)})")
+                         f"(keys {keys_message(backbone_raw)})")
     # Metadata changes no shape (norm eps, RoPE base, the K bias rule, LayerScale's init), so the arch stands.
     fields = {"arch": _arch_for(backbone, file), **backbone.fields}
     if metadata:
@@ -648,10 +642,10 @@ def read_released(path: str | Path, fmt: str = "auto") -> ReleasedWeights:
 
     dropped += backbone.dropped
     if dropped:
-        log.warning("%s: dropped %s (no counterpart in our network)", file, _keys_message(dropped))
+        log.warning("%s: dropped %s (no counterpart in our network)", file, keys_message(dropped))
     if separate or teacher_separate or centre_notes:
-        what = [f"student {_keys_message(separate)}"] if separate else []
-        what += [f"teacher {_keys_message(teacher_separate)}"] if teacher_separate else []
+        what = [f"student {keys_message(separate)}"] if separate else []
+        what += [f"teacher {keys_message(teacher_separate)}"] if teacher_separate else []
         what += centre_notes
         log.warning("%s: dropped the separate patch head (we share one head for cls and patch tokens): %s",
                     file, "; ".join(what))

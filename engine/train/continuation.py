@@ -1,7 +1,8 @@
 """Starting a run from released weights (`model.init_from`): the config the file fixes, and the weights it loads.
 
 `resolve_start` runs before any data or model work (bad files fail first). Without `model.init_from` it only drops a
-`train.freeze_backbone_steps` that has nothing to protect. With it:
+`train.freeze_backbone_steps` (and the lr ramp after it, `train.unfreeze_warmup_steps`) that has nothing to
+protect. With it:
 
 * a checkpoint to resume (`checkpoint.resume`) wins: the file is not read; the model fields, the freeze and the
   centre rule come from the config that checkpoint saved (they were resolved from the file when the run began);
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ibot_engine.checkpoint import META, Checkpointer, is_sharded_checkpoint
-from ibot_engine.config import Config, config_from_dict
+from ibot_engine.config import Config, TrainConfig, config_from_dict
 from ibot_engine.distributed import broadcast_object
 from ibot_engine.model.ibot import IBOT
 from ibot_engine.model.released import ReleasedWeights, fit_state, model_config_for, read_released
@@ -45,10 +46,10 @@ def resolve_start(cfg: Config, checkpointer: Checkpointer | None = None) -> tupl
     (every rank calls it): rank 0 picks the checkpoint to resume."""
     train = cfg.train
     if not cfg.model.init_from:
-        if train.freeze_backbone_steps:
-            log.info("train.freeze_backbone_steps=%d ignored: the run starts from scratch (no model.init_from)",
-                     train.freeze_backbone_steps)
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(train, freeze_backbone_steps=0))
+        if train.freeze_backbone_steps or train.unfreeze_warmup_steps:
+            log.info("train.freeze_backbone_steps=%d and train.unfreeze_warmup_steps=%d ignored: the run starts from "
+                     "scratch (no model.init_from)", train.freeze_backbone_steps, train.unfreeze_warmup_steps)
+            cfg = dataclasses.replace(cfg, train=_no_freeze(train))
         return cfg, None
     resume = broadcast_object(checkpointer.resolve_resume(cfg.checkpoint.resume)) if checkpointer else None
     if resume is not None and is_sharded_checkpoint(resume):
@@ -58,21 +59,27 @@ def resolve_start(cfg: Config, checkpointer: Checkpointer | None = None) -> tupl
             return _as_saved(cfg, config_from_dict(saved)), None
     released = read_released(cfg.model.init_from, cfg.model.init_format)
     model = model_config_for(released, cfg.model)  # check_model first: an error naming the file and model.* key
-    if released.has_heads and train.freeze_backbone_steps:
-        log.info("train.freeze_backbone_steps=%d ignored: the heads come from %s", train.freeze_backbone_steps,
-                 released.path)
-        train = dataclasses.replace(train, freeze_backbone_steps=0)
+    if released.has_heads and (train.freeze_backbone_steps or train.unfreeze_warmup_steps):
+        log.info("train.freeze_backbone_steps=%d and train.unfreeze_warmup_steps=%d ignored: the heads come from %s",
+                 train.freeze_backbone_steps, train.unfreeze_warmup_steps, released.path)
+        train = _no_freeze(train)
     loss = cfg.loss
     if loss.center_init == "auto":
         loss = dataclasses.replace(loss, center_init="zero" if released.cls_center is not None else "first_batch")
     return dataclasses.replace(cfg, model=model, train=train, loss=loss), released
 
 
+def _no_freeze(train: TrainConfig) -> TrainConfig:
+    """No backbone freeze and no lr ramp after it: nothing to protect (loaded heads, or a run from scratch)."""
+    return dataclasses.replace(train, freeze_backbone_steps=0, unfreeze_warmup_steps=0)
+
+
 def _as_saved(cfg: Config, saved: Config) -> Config:
     """`cfg` with the fields that `resolve_start` resolved from the file when the run began, as the run saved them."""
     return dataclasses.replace(
         cfg, model=saved.model,
-        train=dataclasses.replace(cfg.train, freeze_backbone_steps=saved.train.freeze_backbone_steps),
+        train=dataclasses.replace(cfg.train, freeze_backbone_steps=saved.train.freeze_backbone_steps,
+                                  unfreeze_warmup_steps=saved.train.unfreeze_warmup_steps),
         loss=dataclasses.replace(cfg.loss, center_init=saved.loss.center_init),
     )
 
@@ -106,11 +113,18 @@ def load_released_(model: IBOT, released: ReleasedWeights, cfg: Config) -> None:
         centres = "from the file"
     if cfg.loss.center_init == "first_batch":
         centres = "the first batch's teacher means"
-    freeze = cfg.train.freeze_backbone_steps
-    log.info("model.init_from: %s (%s): student %s, teacher %s, centres %s; fresh: %s%s", file, released.format,
+    native = released.model.get("img_size") if released.model.get("pos_embed") != "rope" else None  # RoPE: 224 nominal
+    if not released.has_heads and cfg.loss.koleo_weight > 0 and native and native != cfg.model.img_size:
+        log.info("model.init_from: the backbone comes from %d px and trains at model.img_size=%d with "
+                 "loss.koleo_weight=%g: at a new resolution KoLeo re-spreads its cls embeddings while the heads are "
+                 "fresh, and on the digits at 64 px that cost k-NN that loss.koleo_weight=0 kept (docs/continue.md, "
+                 "\"Changing resolution\")", native, cfg.model.img_size, cfg.loss.koleo_weight)
+    freeze, ramp = cfg.train.freeze_backbone_steps, cfg.train.unfreeze_warmup_steps
+    log.info("model.init_from: %s (%s): student %s, teacher %s, centres %s; fresh: %s%s%s", file, released.format,
              "backbone and heads" if released.has_heads else "backbone", teacher_from, centres,
              ", ".join(fresh) if fresh else "nothing",
-             f"; student backbone frozen for the first {freeze} steps" if freeze else "")
+             f"; student backbone frozen for the first {freeze} steps" if freeze else "",
+             f", then its lr ramped in over {ramp} steps" if ramp else "")
 
 
 def _fresh_keys(network: nn.Module, released: ReleasedWeights) -> tuple[str, ...]:

@@ -9,7 +9,9 @@ Each group also carries an `lr_scale`, the factor `apply_hyperparams` puts on th
 (dinov2 `utils/param_groups.py`, `get_vit_lr_decay_rate`): with D blocks, the patch embedding, cls / register /
 mask tokens and position embedding are layer 0, block i is layer i + 1, and the final norm and the head are layer
 D + 1; a parameter of layer l gets layer_decay ** (D + 1 - l), times `patch_embed_lr_mult` for the patch embedding.
-Parameters of equal scale share a group, so the defaults (1.0 and 1.0) give today's four groups exactly.
+Parameters of equal scale share a group, so the defaults (1.0 and 1.0) give today's four groups exactly. With
+`split_backbone` (`train.unfreeze_warmup_steps`) the backbone's parameters also get groups of their own, flagged
+`backbone`, whose lr `apply_hyperparams` scales by the step's `backbone_lr_factor`.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def lr_scale(name: str, depth: int, layer_decay: float = 1.0, patch_embed_lr_mul
 
 
 def param_groups(model: nn.Module, decay_all: bool = False, layer_decay: float = 1.0,
-                 patch_embed_lr_mult: float = 1.0) -> list[dict]:
-    """Decay / no-decay groups, each split by whether it is the head's last layer (which can be frozen early) and by
-    lr scale (module docstring). `decay_all` puts every parameter in the decayed groups, as lightly's example does.
-    Built once: the optimizer step reads each group's `lr_scale`, nothing per parameter."""
+                 patch_embed_lr_mult: float = 1.0, split_backbone: bool = False) -> list[dict]:
+    """Decay / no-decay groups, each split by whether it is the head's last layer (which can be frozen early), by
+    lr scale and, with `split_backbone`, by whether it is the backbone's (module docstring). `decay_all` puts every
+    parameter in the decayed groups, as lightly's example does. Built once: the optimizer step reads each group's
+    `lr_scale` and `backbone`, nothing per parameter."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     depth = len({name.split(".")[2] for name, _ in named if name.startswith("backbone.blocks.")})
     # Kinds in the order of the official groups: decay, no decay, last-layer decay, last-layer no decay.
@@ -59,17 +62,20 @@ def param_groups(model: nn.Module, decay_all: bool = False, layer_decay: float =
         is_last = "last_layer" in name
         decay = decay_all or not (name.endswith(".bias") or p.ndim <= 1)
         scale = lr_scale(name, depth, layer_decay, patch_embed_lr_mult)
-        key = (2 * is_last + (not decay), scale)
+        backbone = split_backbone and name.startswith("backbone.")
+        key = (2 * is_last + (not decay), scale, backbone)
         if key not in groups:
-            groups[key] = {"params": [], "decay": decay, "last_layer": is_last, "lr_scale": scale}
+            groups[key] = {"params": [], "decay": decay, "last_layer": is_last, "lr_scale": scale,
+                           "backbone": backbone}
         groups[key]["params"].append(p)
     return [groups[key] for key in sorted(groups, key=lambda k: k[0])]  # stable: scales in order of appearance
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `param_groups(model)` with the config's grouping and lr scales; lr and weight decay are set every
-    step by `apply_hyperparams`."""
-    groups = param_groups(model, cfg.decay_all, cfg.layer_decay, cfg.patch_embed_lr_mult)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    split_backbone: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups(model)` with the config's grouping and lr scales (and the backbone in groups of its
+    own with `split_backbone`); lr and weight decay are set every step by `apply_hyperparams`."""
+    groups = param_groups(model, cfg.decay_all, cfg.layer_decay, cfg.patch_embed_lr_mult, split_backbone)
     if cfg.impl == "apex" and apex_usable("optim.impl", device):
         return fused_adam(groups, cfg.betas)  # NVIDIA apex FusedAdam, AdamW mode
     # fused AdamW: one kernel for all parameters on CUDA (and a vectorised CPU kernel); foreach elsewhere.
@@ -81,11 +87,13 @@ def last_layer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups if g["last_layer"] for p in g["params"]]
 
 
-def apply_hyperparams(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """This step's lr (times each group's `lr_scale`) and weight decay (decayed groups only) into the groups.
-    AdamW decays by lr x weight_decay, so a scaled group's decay is scaled with it (as in DINOv2 and BEiT)."""
+def apply_hyperparams(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                      backbone_lr_factor: float = 1.0) -> None:
+    """This step's lr (times each group's `lr_scale`, and `backbone_lr_factor` for the groups flagged `backbone`)
+    and weight decay (decayed groups only) into the groups. AdamW decays by lr x weight_decay, so a scaled group's
+    decay is scaled with it (as in DINOv2 and BEiT)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+        group["lr"] = lr * group["lr_scale"] * (backbone_lr_factor if group.get("backbone") else 1.0)
         group["weight_decay"] = weight_decay if group["decay"] else 0.0
 
 

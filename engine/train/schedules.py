@@ -44,6 +44,15 @@ def teacher_temperature(step: int, steps_per_epoch: int, warmup_epochs: float, s
     return start + (end - start) * epoch / (n - 1)
 
 
+def unfreeze_ramp(step: int, frozen: int, ramp: int) -> float:
+    """`train.unfreeze_warmup_steps`: the backbone's lr factor, (k + 1) / (ramp + 1) at the k-th step after the
+    `frozen` ones (k < ramp), else 1 (0 while frozen: its gradients are dropped then anyway)."""
+    if step < frozen:
+        return 0.0
+    k = step - frozen
+    return (k + 1) / (ramp + 1) if k < ramp else 1.0
+
+
 @dataclass(frozen=True)
 class Hyperparams:
     lr: float
@@ -53,6 +62,7 @@ class Hyperparams:
     patch_teacher_temp: float
     freeze_last_layer: bool
     freeze_backbone: bool = False  # train.freeze_backbone_steps: drop the student backbone's gradients this step
+    backbone_lr_factor: float = 1.0  # train.unfreeze_warmup_steps: the student backbone's share of this step's lr
     init_centers: bool = False  # loss.center_init=first_batch at step 0: centres <- this batch's teacher means
 
 
@@ -93,6 +103,7 @@ def hyperparams_at(step: int, cfg: Config, total_steps: int, steps_per_epoch: in
                                                loss.teacher_temp_per_step),
         freeze_last_layer=step < o.freeze_last_layer_epochs * unit,
         freeze_backbone=step < cfg.train.freeze_backbone_steps,
+        backbone_lr_factor=unfreeze_ramp(step, cfg.train.freeze_backbone_steps, cfg.train.unfreeze_warmup_steps),
         init_centers=step == 0 and loss.center_init == "first_batch" and loss.centering == "center",
     )
 

@@ -158,7 +158,7 @@ def train_step(t: Trainer, batch: Batch | list[Batch], hp: Hyperparams, amp_dtyp
     cfg, model = t.cfg, t.model
     batches = batch if isinstance(batch, list) else [batch]
     n = len(batches)
-    apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay)
+    apply_hyperparams(t.optimizer, hp.lr, hp.weight_decay, hp.backbone_lr_factor)
     amp = torch.autocast(t.env.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     teachers: list[TeacherOutput | None] = [None] * n
     targets: list[tuple[Tensor, Tensor] | None] = [None] * n

@@ -75,7 +75,8 @@ def build_trainer(cfg: Config, env: DistEnv, initial_state: dict[str, Tensor] | 
     model = model.to(env.device)
     apply_train_options(model, cfg.train)  # activation checkpointing, compile: before the DDP / FSDP2 wrap
     student = apply_strategy(model, cfg, env)  # engine/train/parallel.py: none, DDP or FSDP2 (teacher too)
-    optimizer = build_optimizer(model.student, cfg.optim, env.device)
+    optimizer = build_optimizer(model.student, cfg.optim, env.device,
+                                split_backbone=cfg.train.unfreeze_warmup_steps > 0)
     scaler = build_grad_scaler(cfg, env)
     return Trainer(
         cfg=cfg, env=env, model=model, student=student, optimizer=optimizer, scaler=scaler, data=data,

@@ -13,7 +13,7 @@ RUNS=("${@:-pretrain defaults naive imagenet imagenet_naive res64}")
 IBOT=.venv/bin/ibot
 FILE="$OUT/demo_dinov2.pth"
 # The demo's recipe (it sets optim.lr, so the continuation defaults apply to the layer decay, the patch-embedding
-# lr, the backbone freeze and the centres).
+# lr, the backbone freeze, the backbone's lr ramp after it and the centres).
 DEMO=(--config engine/configs/demo_cpu.yaml model.init_from="$FILE" eval.knn_every=20 checkpoint.every=0)
 # The engine's dataclass defaults (the official ImageNet recipe) with the demo's data and model sizes.
 IMAGENET=(model.init_from="$FILE" model.arch=vit_tiny model.patch_size=8 model.img_size=32 model.out_dim=1024
@@ -34,11 +34,14 @@ for r in ${RUNS[*]}; do
       $IBOT export --checkpoint "$OUT/pretrain" --format dinov2 --out "$FILE" ;;
     defaults) run continue_defaults "${DEMO[@]}" train.steps=200 ;;
     naive) run continue_naive "${DEMO[@]}" train.steps=200 optim.layer_decay=1 optim.patch_embed_lr_mult=1 \
-        train.freeze_backbone_steps=0 loss.center_init=zero ;;
+        train.freeze_backbone_steps=0 train.unfreeze_warmup_steps=0 loss.center_init=zero ;;
     imagenet) run continue_imagenet "${IMAGENET[@]}" ;;
     imagenet_naive) run continue_imagenet_naive "${IMAGENET[@]}" optim.lr=5e-4 optim.warmup_epochs=0 \
-        optim.layer_decay=1 optim.patch_embed_lr_mult=1 train.freeze_backbone_steps=0 loss.center_init=zero ;;
-    res64) run continue_64px "${DEMO[@]}" train.steps=100 model.img_size=64 data.global_size=64 data.local_size=32 ;;
+        optim.layer_decay=1 optim.patch_embed_lr_mult=1 train.freeze_backbone_steps=0 train.unfreeze_warmup_steps=0 \
+        loss.center_init=zero ;;
+    # At a new resolution, KoLeo off (docs/continue.md, "Changing resolution"); the rest as the defaults row.
+    res64) run continue_64px "${DEMO[@]}" train.steps=100 model.img_size=64 data.global_size=64 data.local_size=32 \
+        loss.koleo_weight=0 ;;
     *) echo "unknown run $r (pretrain defaults naive imagenet imagenet_naive res64)" >&2; exit 2 ;;
   esac
 done

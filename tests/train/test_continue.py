@@ -19,6 +19,7 @@ import ibot_engine.train.step as step_module
 from ibot_engine.config import CONTINUE_DEFAULTS, ConfigError, load_config
 from ibot_engine.distributed import DistEnv
 from ibot_engine.model.ibot import IBOT
+from ibot_engine.train.continuation import load_released_, resolve_start
 from ibot_engine.train.loop import train
 from ibot_engine.train.optim import apply_hyperparams, build_optimizer
 from ibot_engine.train.schedules import hyperparams_at
@@ -241,7 +242,9 @@ def test_official_ibot_full_checkpoint_continues_with_every_tensor_equal_to_the_
         t = build_trainer(cfg, CPU)
     assert t.cfg.model.out_dim == 64 and t.cfg.train.freeze_backbone_steps == 0
     assert t.cfg.loss.center_init == "zero"  # the file's centres
-    assert "freeze_backbone_steps=20 ignored" in caplog.text and "model.init_from:" in caplog.text
+    assert t.cfg.train.unfreeze_warmup_steps == 0
+    assert "freeze_backbone_steps=20 and train.unfreeze_warmup_steps=20 ignored" in caplog.text
+    assert "model.init_from:" in caplog.text
     expected = {}
     for role, prefix in (("student", "module."), ("teacher", "")):
         for key, value in official[role].items():
@@ -284,7 +287,7 @@ def test_backbone_freeze_keeps_the_backbone_and_its_adam_state_untouched_while_f
     torch.save({"state_dict": backbone}, file)
     with caplog.at_level("INFO"):
         t = build_trainer(_cfg(tmp_path, f"model.init_from={file}", "train.freeze_backbone_steps=2",
-                               "train.steps=3"), CPU)
+                               "train.unfreeze_warmup_steps=0", "train.steps=3"), CPU)
     assert t.cfg.loss.center_init == "first_batch"  # no centres in the file
     assert "backbone frozen for the first 2 steps" in caplog.text
     student = t.model.student
@@ -304,6 +307,57 @@ def test_backbone_freeze_keeps_the_backbone_and_its_adam_state_untouched_while_f
     assert not torch.equal(now["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
     assert {float(t.optimizer.state[p]["step"]) for p in backbone_params} == {1.0}
     assert {float(t.optimizer.state[p]["step"]) for p in head_params} == {3.0}
+
+
+def test_backbone_lr_ramps_in_after_the_freeze_while_the_heads_keep_the_scheduled_lr(tmp_path, caplog):
+    """train.unfreeze_warmup_steps: after the freeze the backbone's groups get (k + 1) / (ramp + 1) of their
+    scheduled lr at the k-th unfrozen step, the heads' groups all of it; the backbone moves from its first unfrozen
+    step, by less than at the full lr."""
+    released = _random_released_model(tmp_path)
+    file = tmp_path / "checkpoint_teacher.pth"
+    torch.save({"state_dict": {_official_backbone_key(k): v.clone()
+                               for k, v in released.teacher.backbone.state_dict().items()}}, file)
+    runs = {}
+    for ramp in (2, 0):
+        with caplog.at_level("INFO"):
+            t = build_trainer(_cfg(tmp_path / str(ramp), f"model.init_from={file}", "train.freeze_backbone_steps=2",
+                                   f"train.unfreeze_warmup_steps={ramp}", "optim.layer_decay=0.5", "train.steps=5"),
+                              CPU)
+        student = t.model.student
+        backbone = {id(p) for p in student.backbone.parameters()}
+        assert all(g["backbone"] == (ramp > 0 and id(g["params"][0]) in backbone) for g in t.optimizer.param_groups)
+        assert all({id(p) in backbone for p in g["params"]} == {ramp > 0 and g["backbone"]} or not ramp
+                   for g in t.optimizer.param_groups)  # no group mixes the backbone and the heads
+        steps, moved = _steps(t, iter(t.data)), []
+        for step, factor in enumerate((0.0, 0.0, 1 / 3, 2 / 3, 1.0) if ramp else (0.0, 0.0, 1.0, 1.0, 1.0)):
+            before = student.backbone.blocks[0].attn.qkv.weight.detach().clone()
+            next(steps)
+            scheduled = hyperparams_at(step, t.cfg, t.total_steps, t.steps_per_epoch, 1).lr
+            for g in t.optimizer.param_groups:
+                want = scheduled * g["lr_scale"] * (factor if g["backbone"] else 1.0)
+                assert g["lr"] == pytest.approx(want, rel=1e-12), (ramp, step, g["lr_scale"], g["backbone"])
+            moved.append((student.backbone.blocks[0].attn.qkv.weight - before).abs().max().item())
+        runs[ramp] = moved
+    assert "frozen for the first 2 steps, then its lr ramped in over 2 steps" in caplog.text
+    assert runs[2][:2] == runs[0][:2] == [0.0, 0.0]  # frozen
+    assert 0 < runs[2][2] < runs[0][2]  # the first unfrozen step moves it, by a third of the full lr's step
+
+
+def test_a_resolution_change_with_koleo_and_fresh_heads_is_pointed_at_the_measurement(tmp_path, caplog):
+    """A backbone-only file trained at 32 px, continued at 48 px: the load says that KoLeo re-spreads the cls
+    embeddings at a new resolution, only when KoLeo is on and the size changes."""
+    released = _random_released_model(tmp_path)
+    file = tmp_path / "checkpoint_teacher.pth"
+    torch.save({"state_dict": {_official_backbone_key(k): v.clone()
+                               for k, v in released.teacher.backbone.state_dict().items()}}, file)
+    for size, koleo, said in ((48, 0.1, True), (48, 0.0, False), (32, 0.1, False)):
+        caplog.clear()
+        cfg, weights = resolve_start(_cfg(tmp_path, f"model.init_from={file}", f"model.img_size={size}",
+                                          f"loss.koleo_weight={koleo}"))
+        with caplog.at_level("INFO"):
+            load_released_(IBOT(cfg.model, cfg.loss), weights, cfg)
+        assert ("re-spreads its cls embeddings" in caplog.text) == said, (size, koleo)
+        assert "model.init_from:" in caplog.text
 
 
 def test_lightning_module_starts_from_the_file_as_our_trainer_does(tmp_path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ibot_engine.config import LossConfig, ModelConfig
 from ibot_engine.model.ibot import IBOT
-from ibot_engine.train.optim import clip_gradients_, param_groups
+from ibot_engine.train.optim import apply_hyperparams, clip_gradients_, param_groups
 
 
 def test_groups_follow_the_official_rule():
@@ -32,6 +33,28 @@ def test_decay_all_decays_every_trainable_parameter():
     assert grouped == {id(p) for p in model.student.parameters() if p.requires_grad}
     last = next(g for g in groups if g["last_layer"])
     assert len(last["params"]) == 2  # weight_v, weight_g: still freezable on their own
+
+
+def test_split_backbone_gives_the_backbone_its_own_groups_and_only_they_take_the_ramp():
+    """split_backbone (train.unfreeze_warmup_steps): the same parameters, decay and lr scales, with no group mixing
+    backbone and heads; apply_hyperparams scales only the backbone's groups by backbone_lr_factor. Without it the
+    groups are the official ones (one per kind), none flagged."""
+    model = IBOT(ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, out_dim=16, head_hidden_dim=8,
+                             head_bottleneck_dim=4), LossConfig())
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    plain = param_groups(model.student)
+    assert len(plain) == len({(g["decay"], g["last_layer"]) for g in plain}) and not any(g["backbone"] for g in plain)
+    split = param_groups(model.student, layer_decay=0.5, split_backbone=True)
+    for g in split:
+        assert {names[id(p)].startswith("backbone.") for p in g["params"]} == {g["backbone"]}
+    assert sorted(names[id(p)] for g in split for p in g["params"]) == sorted(names.values())
+    scale = {names[id(p)]: g["lr_scale"] for g in split for p in g["params"]}
+    assert scale == {names[id(p)]: g["lr_scale"] for g in param_groups(model.student, layer_decay=0.5)
+                     for p in g["params"]}
+    optimizer = torch.optim.AdamW(split)
+    apply_hyperparams(optimizer, lr=0.1, weight_decay=0.04, backbone_lr_factor=0.25)
+    for g in optimizer.param_groups:
+        assert g["lr"] == pytest.approx(0.1 * g["lr_scale"] * (0.25 if g["backbone"] else 1.0))
 
 
 def official_per_param_clip(params, clip):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ibot_engine.config import load_config
-from ibot_engine.train.schedules import cosine, hyperparams_at, teacher_temperature, warmup_cosine
+from ibot_engine.train.schedules import cosine, hyperparams_at, teacher_temperature, unfreeze_ramp, warmup_cosine
 
 
 def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
@@ -107,3 +107,16 @@ def test_scale_min_lr_gives_a_constant_lr_for_lr_equal_min_lr(batch):
     # without the flag min_lr is taken as is, so the lr decays from the scaled peak to 1e-3
     assert hyperparams_at(0, unscaled, total, 10, world).lr == expected
     assert hyperparams_at(total, unscaled, total, 10, world).lr == pytest.approx(1e-3)
+
+
+def test_backbone_lr_ramps_in_after_the_freeze():
+    """train.unfreeze_warmup_steps: 0 while frozen, then (k + 1) / (ramp + 1) for the ramp's k-th step, then 1;
+    from step 0 without a freeze, and 1 throughout without a ramp."""
+    assert [unfreeze_ramp(s, 3, 4) for s in range(9)] == [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert [unfreeze_ramp(s, 0, 1) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert [unfreeze_ramp(s, 2, 0) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    cfg = load_config(None, ["train.freeze_backbone_steps=20", "train.unfreeze_warmup_steps=20"])
+    hp = [hyperparams_at(s, cfg, 100, 10, 1) for s in (19, 20, 39, 40)]
+    assert [h.freeze_backbone for h in hp] == [True, False, False, False]
+    assert [h.backbone_lr_factor for h in hp] == pytest.approx([0.0, 1 / 21, 20 / 21, 1.0])
+    assert hyperparams_at(5, load_config(None, []), 100, 10, 1).backbone_lr_factor == 1.0
