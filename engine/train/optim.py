@@ -93,6 +93,7 @@ def apply_hyperparams(optimizer: torch.optim.Optimizer, lr: float, weight_decay:
     and weight decay (decayed groups only) into the groups. AdamW decays by lr x weight_decay, so a scaled group's
     decay is scaled with it (as in DINOv2 and BEiT)."""
     for group in optimizer.param_groups:
+        # .get: a checkpoint saved before the `backbone` flag existed restores its groups without it.
         group["lr"] = lr * group["lr_scale"] * (backbone_lr_factor if group.get("backbone") else 1.0)
         group["weight_decay"] = weight_decay if group["decay"] else 0.0
 
